@@ -139,9 +139,18 @@ def _run(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> Any:
     except Exception as exc:  # the model rejects the example
         shapes = ", ".join(f"{k}: {list(v.shape)} {DTYPES[v.dtype]}" for k, v in inputs.items())
         raise InvalidInput(
-            f"the model failed on the example inputs ({shapes}): "
-            f"{type(exc).__name__}: {str(exc).strip()[:500]}"
+            f"the model failed on the example inputs ({shapes}): {_last_line(exc)}"
         ) from None
+
+
+def _last_line(exc: BaseException) -> str:
+    """The gist of an error: TorchScript errors carry a serialized-code traceback whose
+    last line is the actual message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    if ": " not in text[:40]:
+        text = f"{type(exc).__name__}: {text}"
+    return text[:300]
 
 
 def _flat(result: Any) -> list[torch.Tensor]:
