@@ -19,6 +19,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "TorchopsError",
+    "TrainingFailed",
     "Unauthorized",
     "Unavailable",
 ]
@@ -84,6 +85,12 @@ class ExportFailed(TorchopsError):
     """A model could not be turned into a required format."""
 
     status = 400
+
+
+class TrainingFailed(TorchopsError):
+    """An online update produced no usable step (every loss, gradient or weight non-finite)."""
+
+    status = 422
 
 
 class Unavailable(TorchopsError):

@@ -69,7 +69,8 @@ def test_a_killed_registration_leaves_no_partial_version(
     assert len(versions) >= 20
     # every visible version is complete and intact
     for version in versions:
-        assert set(version.artifacts) == {"torchscript", "weights", "example", "reference"}
+        expected = {"torchscript", "weights", "example", "reference", "profile"}
+        assert set(version.artifacts) == expected
         for kind in version.artifacts:
             registry.read_artifact(f"crashy:{version.version}", kind)
     # the dead writer may have left blobs, a lease and a temporary file; an hour later

@@ -25,6 +25,11 @@ class Catalog:
         self._engine = engine
         self._writer = engine.execution_options(**{store.WRITE: True})
 
+    @property
+    def engine(self) -> Engine:
+        """The metadata store's SQLAlchemy engine (monitoring keeps its tables there too)."""
+        return self._engine
+
     # -- reading -----------------------------------------------------------------------
 
     def models(self) -> list[ModelInfo]:

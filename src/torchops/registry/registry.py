@@ -176,9 +176,17 @@ class Registry(Catalog):
 
         The version becomes visible in the one transaction that records it, after every
         blob is stored: a crash leaves no partial version, only blobs ``gc`` removes.
+        With a reference sample and no ``profile``, the monitoring profile is built from
+        it (``torchops.monitoring.profiles``) and stored as the ``profile`` artifact.
         """
         self._precheck(name, metrics, tags, description, parent, source, actor)
         blobs = rec.check_package(pkg)
+        if "reference" in blobs and "profile" not in blobs:
+            from torchops.monitoring.profiles import profile_from_artifacts
+
+            blobs["profile"] = profile_from_artifacts(
+                pkg.signature, blobs["torchscript"], blobs["reference"]
+            )
         actor = rec.default_actor(actor)
         extra = rec.check_json(dict(details or {}), "details")
         version_details = rec.check_json(

@@ -1,0 +1,317 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import Engine, Table, func, select
+
+from torchops.errors import InvalidInput, Unavailable
+from torchops.monitoring import store
+from torchops.monitoring.feedback import FeedbackStore
+from torchops.monitoring.observations import Observation, ObservationStore, ObservationWriter
+from torchops.registry import Registry
+from torchops.registry.store import utcnow
+from torchops.types import ModelVersion
+
+from .conftest import MakeObservation
+
+
+def _rows(engine: Engine, table: Table = store.observations) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def test_writer_writes_in_batches_of_batch_size(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    batches: list[int] = []
+    writer = ObservationWriter(engine, batch_size=5, on_write=lambda b: batches.append(len(b)))
+    for i in range(23):
+        assert writer.put(make_observation("clf", f"r{i}"))
+    assert _rows(engine) == 0  # nothing touches the database before the writer runs
+    writer.flush()
+    assert batches == [5, 5, 5, 5, 3]
+    assert writer.written == 23 and writer.dropped == 0
+    assert _rows(engine) == 23
+
+
+def test_writer_thread_writes_and_flush_waits(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    batches: list[Sequence[Observation]] = []
+    threads: set[str] = set()
+
+    def seen(batch: Sequence[Observation]) -> None:
+        batches.append(batch)
+        threads.add(threading.current_thread().name)
+
+    # a long interval: only the batch-size wake-up and flush make it write
+    writer = ObservationWriter(engine, batch_size=4, flush_interval_s=3600, on_write=seen)
+    writer.start()
+    try:
+        ids = [f"r{i}" for i in range(10)]
+        for rid in ids:
+            writer.put(make_observation("clf", rid))
+        writer.flush()
+        assert _rows(engine) == 10
+        assert writer.pending_ids("clf") == set()
+        assert threads == {"torchops-observations"}
+        assert all(len(b) <= 4 for b in batches)
+        assert [o.request_id for b in batches for o in b] == ids
+    finally:
+        writer.close()
+
+
+def test_full_buffer_drops_and_counts(engine: Engine, make_observation: MakeObservation) -> None:
+    drops: list[tuple[str, int]] = []
+    writer = ObservationWriter(
+        engine, max_buffer=10, on_drop=lambda model, n: drops.append((model, n))
+    )
+    accepted = [writer.put(make_observation("clf", f"r{i}")) for i in range(15)]
+    assert accepted == [True] * 10 + [False] * 5
+    assert writer.dropped == 5
+    assert drops == [("clf", 1)] * 5
+    assert writer.pending_ids("clf") == {f"r{i}" for i in range(10)}
+    writer.flush()
+    assert writer.written == 10
+    assert _rows(engine) == 10
+    # room again once written
+    assert writer.put(make_observation("clf", "later"))
+
+
+def test_put_after_close_is_dropped(engine: Engine, make_observation: MakeObservation) -> None:
+    writer = ObservationWriter(engine)
+    writer.start()
+    writer.put(make_observation("clf", "a"))
+    writer.close()
+    assert _rows(engine) == 1  # close writes what was buffered
+    assert writer.put(make_observation("clf", "b")) is False
+    assert writer.dropped == 1
+    with pytest.raises(Unavailable):
+        writer.start()
+
+
+def test_round_trip_of_arrays_prediction_and_proba(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    obs = make_observation(
+        "clf",
+        "r1",
+        prediction=np.int64(2),
+        outputs={"output": np.array([[0.1, 0.2, 0.7]], dtype=np.float32)},
+        inputs={"input": np.array([[1, 2, 3, 4]], dtype=np.float32)},
+    )
+    writer.put(obs)
+    writer.flush()
+    got = ObservationStore(engine).get("clf", "r1")
+    assert got is not None
+    assert (got.request_id, got.model, got.version, got.prediction) == ("r1", "clf", 1, 2)
+    assert got.at == obs.at and got.latency_s == obs.latency_s
+    assert got.proba == [0.5, 0.25, 0.25]
+    np.testing.assert_array_equal(got.outputs["output"], obs.outputs["output"])
+    assert got.inputs is not None
+    np.testing.assert_array_equal(got.inputs["input"], [[1, 2, 3, 4]])
+    assert got.label is None
+    assert ObservationStore(engine).get("clf", "missing") is None
+
+
+def test_big_inputs_are_sampled_small_ones_kept(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine, max_input_values=4, input_sample_rate=0.0)
+    writer.put(make_observation("clf", "small", inputs={"x": np.zeros((1, 4), np.float32)}))
+    writer.put(make_observation("clf", "big", inputs={"x": np.zeros((1, 8), np.float32)}))
+    # 8 values over 2 rows is 4 per row: small enough
+    writer.put(make_observation("clf", "two", inputs={"x": np.zeros((2, 4), np.float32)}))
+    writer.flush()
+    observations = ObservationStore(engine)
+    small, big, two = (observations.get("clf", rid) for rid in ("small", "big", "two"))
+    assert small is not None and small.inputs is not None
+    assert big is not None and big.inputs is None
+    assert big.outputs  # the prediction itself is still kept
+    assert two is not None and two.inputs is not None
+
+
+def test_duplicate_request_id_keeps_the_first(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    drops: list[tuple[str, int]] = []
+    writer = ObservationWriter(engine, on_drop=lambda m, n: drops.append((m, n)))
+    writer.put(make_observation("clf", "same", prediction=1))
+    writer.flush()
+    writer.put(make_observation("clf", "same", prediction=2))
+    writer.put(make_observation("clf", "other"))
+    writer.flush()
+    assert _rows(engine) == 2
+    assert writer.written == 2 and writer.dropped == 1 and drops == [("clf", 1)]
+    got = ObservationStore(engine).get("clf", "same")
+    assert got is not None and got.prediction == 1
+
+
+def test_unencodable_observation_is_dropped_alone(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    writer.put(make_observation("clf", "bad", outputs={"output": np.array([["text"]])}))
+    writer.put(make_observation("clf", "naive", at=datetime(2024, 1, 1)))
+    writer.put(make_observation("clf", "x" * 257))
+    writer.put(make_observation("bad model!", "r"))
+    writer.put(make_observation("clf", "good"))
+    writer.flush()
+    assert writer.dropped == 4 and writer.written == 1
+    assert ObservationStore(engine).get("clf", "good") is not None
+
+
+def test_writer_rejects_bad_settings(engine: Engine) -> None:
+    with pytest.raises(InvalidInput, match="max_buffer"):
+        ObservationWriter(engine, max_buffer=0)
+    with pytest.raises(InvalidInput, match="input_sample_rate"):
+        ObservationWriter(engine, input_sample_rate=1.5)
+
+
+def test_observations_pages_with_cursor_and_filters(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    old = utcnow() - timedelta(hours=2)
+    for i in range(6):
+        writer.put(make_observation("clf", f"r{i}", version=1 + i % 2, at=old if i < 2 else None))
+    writer.put(make_observation("other", "x"))
+    writer.flush()
+    observations = ObservationStore(engine)
+    first = observations.observations("clf", limit=4)
+    assert [o.request_id for o in first.observations] == ["r0", "r1", "r2", "r3"]
+    rest = observations.observations("clf", since_id=first.cursor)
+    assert [o.request_id for o in rest.observations] == ["r4", "r5"]
+    assert observations.observations("clf", since_id=rest.cursor) == ([], rest.cursor)
+    v2 = observations.observations("clf", 2)
+    assert [o.request_id for o in v2.observations] == ["r1", "r3", "r5"]
+    recent = observations.observations("clf", since=utcnow() - timedelta(hours=1))
+    assert [o.request_id for o in recent.observations] == ["r2", "r3", "r4", "r5"]
+    light = observations.observations("clf", arrays=False, limit=1).observations[0]
+    assert light.outputs == {} and light.inputs is None and light.prediction == 0
+    assert observations.count("clf") == 6 and observations.count("clf", 2) == 3
+
+
+def test_labelled_reads_incrementally_in_feedback_order(
+    engine: Engine, classifier: ModelVersion, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    for i in range(5):
+        writer.put(make_observation("clf", f"r{i}"))
+    writer.flush()
+    feedback = FeedbackStore(engine, writer)
+    observations = ObservationStore(engine)
+    feedback.add("clf", "r3", 2)
+    feedback.add("clf", "r1", "b")
+    page = observations.labelled("clf")
+    assert [(o.request_id, o.label) for o in page.observations] == [("r3", 2), ("r1", 1)]
+    assert observations.labelled("clf", since_id=page.cursor) == ([], page.cursor)
+    feedback.add("clf", "r0", 0)
+    later = observations.labelled("clf", since_id=page.cursor)
+    assert [(o.request_id, o.label) for o in later.observations] == [("r0", 0)]
+    assert later.cursor > page.cursor
+    limited = observations.labelled("clf", limit=2, arrays=False)
+    assert [o.request_id for o in limited.observations] == ["r3", "r1"]
+    assert observations.count("clf", labelled=True) == 3
+
+
+def test_labelled_waits_for_an_observation_still_in_the_buffer(
+    engine: Engine, classifier: ModelVersion, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    writer.put(make_observation("clf", "written"))
+    writer.flush()
+    writer.put(make_observation("clf", "buffered"))
+    feedback = FeedbackStore(engine, writer)
+    feedback.add("clf", "buffered", 1)  # before its observation is written
+    feedback.add("clf", "written", 2)
+    observations = ObservationStore(engine)
+    page = observations.labelled("clf")
+    # the cursor stops before the unjoined feedback, so nothing is skipped
+    assert page == ([], 0)
+    writer.flush()
+    page = observations.labelled("clf", since_id=page.cursor)
+    assert [(o.request_id, o.label) for o in page.observations] == [
+        ("buffered", 1),
+        ("written", 2),
+    ]
+    # once the grace period is over, feedback whose observation never came is stepped over
+    writer.put(make_observation("clf", "lost"))
+    feedback.add("clf", "lost", 0)
+    impatient = ObservationStore(engine, join_grace_s=0)
+    assert impatient.labelled("clf", since_id=page.cursor).observations == []
+    assert impatient.labelled("clf", since_id=page.cursor).cursor > page.cursor
+    writer.close()
+
+
+def test_labelled_filters_by_version(
+    engine: Engine, registry: Registry, classifier: ModelVersion, make_observation: MakeObservation
+) -> None:
+    registry.register(
+        "clf",
+        torch.nn.Linear(4, 3),
+        torch.zeros(2, 4),
+        formats=("torchscript",),
+        labels=["a", "b", "c"],
+    )
+    writer = ObservationWriter(engine)
+    writer.put(make_observation("clf", "v1"))
+    writer.put(make_observation("clf", "v2", version=2))
+    writer.flush()
+    feedback = FeedbackStore(engine, writer)
+    feedback.add("clf", "v1", 0)
+    feedback.add("clf", "v2", 1)
+    observations = ObservationStore(engine)
+    assert [o.request_id for o in observations.labelled("clf", 2).observations] == ["v2"]
+    assert [o.request_id for o in observations.labelled("clf", 1).observations] == ["v1"]
+
+
+def test_retention_by_age_removes_old_observations_and_their_feedback(
+    engine: Engine, classifier: ModelVersion, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    old = utcnow() - timedelta(days=3)
+    for i in range(5):
+        writer.put(make_observation("clf", f"old{i}", at=old))
+    for i in range(3):
+        writer.put(make_observation("clf", f"new{i}"))
+    writer.flush()
+    feedback = FeedbackStore(engine, writer)
+    feedback.add("clf", "old0", 1)
+    feedback.add("clf", "new0", 2)
+    observations = ObservationStore(engine)
+    assert observations.apply_retention(max_age=timedelta(days=1)) == 5
+    assert _rows(engine) == 3
+    assert observations.get("clf", "old0") is None
+    assert _rows(engine, store.feedback) == 1
+    labelled = observations.labelled("clf").observations
+    assert [(o.request_id, o.label) for o in labelled] == [("new0", 2)]
+    assert observations.apply_retention(max_age=timedelta(days=1)) == 0
+    with pytest.raises(InvalidInput):
+        observations.apply_retention(max_age=timedelta(0))
+
+
+def test_retention_by_count_keeps_the_newest_per_model(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    for i in range(7):
+        writer.put(make_observation("clf", f"c{i}"))
+    for i in range(2):
+        writer.put(make_observation("other", f"o{i}"))
+    writer.flush()
+    observations = ObservationStore(engine)
+    assert observations.apply_retention(max_rows=3) == 4
+    kept = observations.observations("clf").observations
+    assert [o.request_id for o in kept] == ["c4", "c5", "c6"]
+    assert observations.count("other") == 2
+    assert observations.apply_retention(max_rows=0) == 5
+    assert _rows(engine) == 0
+    with pytest.raises(InvalidInput):
+        observations.apply_retention(max_rows=-1)
