@@ -10,6 +10,7 @@ import typer
 from torchops import __version__
 from torchops.cli import models, quickstart
 from torchops.cli._common import CliGroup, GlobalOptions, HomeOption, RegistryUrlOption
+from torchops.cli.serve import serve
 
 __all__ = ["app", "main"]
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 for _panel, _module in (("Getting started", quickstart), ("Registry", models)):
     for _name, _function in _module.COMMANDS.items():
         app.command(_name, rich_help_panel=_panel)(_function)
+app.command("serve", rich_help_panel="Serving")(serve)
 
 
 def _show_version(value: bool) -> None:

@@ -1,0 +1,430 @@
+"""Dynamic batching: one queue and one compute thread per served model version.
+
+Requests queue while the compute thread is busy; when it frees it takes everything queued,
+up to ``max_batch_size`` rows, stacks the inputs along dim 0, runs the model once and hands
+each request its rows of the result. Nothing waits when the server is idle (unless
+``max_delay_ms`` asks for fuller batches). If a batch raises, each of its requests is
+retried on its own so that only the bad one fails. Results reach the event loop with one
+``call_soon_threadsafe`` per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from torchops.errors import DeadlineExceeded, InvalidInput, Overloaded, TorchopsError, Unavailable
+from torchops.runtime.base import Runtime
+from torchops.serving.datatypes import datatype_of, numpy_dtype
+from torchops.serving.metrics import ServingMetrics
+from torchops.types import Array
+
+__all__ = ["Batcher", "calibrate_batch_size"]
+
+log = logging.getLogger(__name__)
+
+# what the compute thread hands back per request: (future, outputs, error)
+_Outcome = tuple[
+    "asyncio.Future[dict[str, Array]]", "dict[str, Array] | None", "BaseException | None"
+]
+
+
+class _Pending:
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "loop", "rows")
+
+    def __init__(
+        self,
+        inputs: dict[str, Array],
+        rows: int,
+        deadline: float | None,
+        future: asyncio.Future[dict[str, Array]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.deadline = deadline
+        self.future = future
+        self.loop = loop
+        self.enqueued = time.monotonic()
+
+
+def _deliver(outcomes: list[_Outcome]) -> None:
+    for future, result, error in outcomes:
+        if future.done():  # the caller gave up (cancelled)
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+class Batcher:
+    """Queue requests for ``runtime`` and run them in batches on a compute thread.
+
+    ``max_queue`` bounds the number of waiting requests (beyond it ``submit`` raises
+    ``Overloaded``); ``num_threads``, when given, is passed to ``torch.set_num_threads`` by
+    the compute thread. The batcher does not own ``runtime``: ``close`` leaves it open.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        model: str,
+        version: int,
+        max_batch_size: int = 32,
+        max_delay_ms: float = 0.0,
+        max_queue: int = 1024,
+        metrics: ServingMetrics | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise InvalidInput(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_delay_ms < 0:
+            raise InvalidInput(f"max_delay_ms must not be negative, got {max_delay_ms}")
+        if max_queue < 1:
+            raise InvalidInput(f"max_queue must be at least 1, got {max_queue}")
+        self.runtime = runtime
+        self.model = model
+        self.version = version
+        self.max_batch_size = max_batch_size
+        self.max_delay_ms = max_delay_ms
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.num_threads = num_threads
+        inputs = runtime.signature.inputs
+        # requests stack along dim 0 only when every input has a variable leading dim
+        self._stackable = bool(inputs) and all(s.shape[:1] == (-1,) for s in inputs)
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._in_flight = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._draining = False
+        self._closed = False
+        self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"Batcher(model={self.model!r}, version={self.version}, "
+            f"max_batch_size={self.max_batch_size}, max_delay_ms={self.max_delay_ms}, "
+            f"max_queue={self.max_queue})"
+        )
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the compute thread."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in the batch the compute thread is running now."""
+        return self._in_flight
+
+    def start(self) -> None:
+        """Start the compute thread (once; later calls do nothing)."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model {self.model!r} version {self.version} is closed")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run, name=f"torchops-batcher-{self.model}-{self.version}", daemon=True
+            )
+        self._thread.start()
+
+    async def submit(
+        self, inputs: dict[str, Array], *, deadline: float | None = None
+    ) -> dict[str, Array]:
+        """Run ``inputs`` (one or more rows) in the next batch and return their outputs.
+
+        ``deadline`` is a ``time.monotonic()`` time after which the request is dropped
+        with ``DeadlineExceeded`` instead of being run.
+        """
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceeded(
+                f"model {self.model!r} version {self.version}: the request's deadline passed "
+                "before it was queued"
+            )
+        rows = self._rows(inputs)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Array]] = loop.create_future()
+        with self._cond:
+            if self._draining or self._closed:
+                raise Unavailable(
+                    f"model {self.model!r} version {self.version} is shutting down; retry"
+                )
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(
+                    f"model {self.model!r} version {self.version} is overloaded: "
+                    f"{len(self._queue)} requests are queued (max_queue={self.max_queue})"
+                )
+            self._queue.append(_Pending(inputs, rows, deadline, future, loop))
+            self._queued_rows += rows
+            self._cond.notify()
+        return await future
+
+    def _rows(self, inputs: Mapping[str, Array]) -> int:
+        if not self._stackable:
+            return 1
+        rows = -1
+        for array in inputs.values():
+            n = array.shape[0] if array.ndim else -2
+            if rows == -1:
+                rows = n
+            elif n != rows:
+                rows = -2
+        if rows < 0:
+            raise InvalidInput(
+                f"model {self.model!r}: inputs must share their batch size (dim 0), got "
+                + (", ".join(f"{n!r} {list(a.shape)}" for n, a in inputs.items()) or "none")
+            )
+        return rows
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new requests and wait until the queue is empty and nothing is running.
+
+        Raises ``DeadlineExceeded`` if that takes longer than ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            self._draining = True
+            if not self._queue and not self._in_flight:
+                return
+            self._idle_waiters.append((loop, waiter))
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {self.model!r} version {self.version} did not drain within {timeout} s: "
+                f"{self.queue_depth} queued, {self.in_flight} running"
+            ) from None
+
+    def close(self) -> None:
+        """Stop: queued requests fail with ``Unavailable``; the running batch completes."""
+        with self._cond:
+            self._closed = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._queued_rows = 0
+            self._cond.notify_all()
+            thread = self._thread
+        message = f"model {self.model!r} version {self.version} was unloaded; retry"
+        self._send([(p, None, Unavailable(message)) for p in dropped])
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._notify_idle()
+
+    # -- compute thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.num_threads)
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                if self.max_delay_ms > 0:
+                    self._wait_for_fuller_batch()
+                    if self._closed:  # closed while waiting: close() failed the queue
+                        return
+                batch = self._take()
+                self._in_flight = len(batch)
+            try:
+                self._execute(batch)
+            except BaseException as exc:  # a bug here must not leave callers waiting
+                log.exception("batcher of %s version %s failed", self.model, self.version)
+                self._send([(p, None, exc) for p in batch])
+            with self._cond:
+                self._in_flight = 0
+            self._notify_idle()
+
+    def _wait_for_fuller_batch(self) -> None:
+        until = self._queue[0].enqueued + self.max_delay_ms / 1000
+        while self._queued_rows < self.max_batch_size and not self._closed:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+
+    def _take(self) -> list[_Pending]:
+        """Pop the oldest requests that fit in max_batch_size rows (at least one)."""
+        first = self._queue.popleft()
+        batch = [first]
+        rows = first.rows
+        if self._stackable:
+            while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+                item = self._queue.popleft()
+                batch.append(item)
+                rows += item.rows
+        self._queued_rows -= rows
+        return batch
+
+    def _notify_idle(self) -> None:
+        with self._cond:
+            if self._queue or self._in_flight or not self._idle_waiters:
+                return
+            waiters, self._idle_waiters = self._idle_waiters, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for loop, waiter in waiters:
+            by_loop.setdefault(loop, []).append(waiter)
+        for loop, futures in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
+                loop.call_soon_threadsafe(_wake, futures)
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        now = time.monotonic()
+        live: list[_Pending] = []
+        done: list[tuple[_Pending, dict[str, Array] | None, BaseException | None]] = []
+        for p in batch:
+            if p.future.cancelled():
+                continue
+            if p.deadline is not None and p.deadline < now:
+                done.append((p, None, self._expired(now - p.enqueued)))
+                continue
+            live.append(p)
+            if self.metrics is not None:
+                self.metrics.observe_queue(self.model, self.version, now - p.enqueued)
+        if live:
+            start = time.perf_counter()
+            results = self._predict(live)
+            if self.metrics is not None:
+                rows = sum(p.rows for p in live)
+                seconds = time.perf_counter() - start
+                self.metrics.observe_compute(self.model, self.version, seconds, rows)
+            done.extend((p, out, err) for p, (out, err) in zip(live, results, strict=True))
+        self._send(done)
+
+    def _expired(self, waited: float) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"model {self.model!r} version {self.version}: the request's deadline passed after "
+            f"{waited * 1000:.1f} ms in the queue"
+        )
+
+    def _predict(
+        self, live: list[_Pending]
+    ) -> list[tuple[dict[str, Array] | None, BaseException | None]]:
+        if len(live) > 1 and self._stackable:
+            try:
+                return self._predict_stacked(live)
+            except Exception:  # split and retry: only the request that fails gets an error
+                pass
+        return [self._predict_one(p) for p in live]
+
+    def _predict_stacked(
+        self, live: list[_Pending]
+    ) -> list[tuple[dict[str, Array] | None, BaseException | None]]:
+        names = live[0].inputs.keys()
+        stacked = {n: np.concatenate([p.inputs[n] for p in live]) for n in names}
+        outputs = self.runtime.predict_batch(stacked)
+        total = sum(p.rows for p in live)
+        if not all(a.ndim and a.shape[0] == total for a in outputs.values()):
+            # the model does not keep the batch dimension: run requests one by one from now on
+            self._stackable = False
+            raise TorchopsError(f"model {self.model!r} outputs do not follow the batch size")
+        results: list[tuple[dict[str, Array] | None, BaseException | None]] = []
+        start = 0
+        for p in live:
+            end = start + p.rows
+            results.append(({n: a[start:end] for n, a in outputs.items()}, None))
+            start = end
+        return results
+
+    def _predict_one(self, p: _Pending) -> tuple[dict[str, Array] | None, BaseException | None]:
+        try:
+            return self.runtime.predict_batch(p.inputs), None
+        except Exception as exc:
+            return None, exc
+
+    def _send(
+        self, done: Sequence[tuple[_Pending, dict[str, Array] | None, BaseException | None]]
+    ) -> None:
+        """Hand results to each request's event loop: one callback per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for p, result, error in done:
+            by_loop.setdefault(p.loop, []).append((p.future, result, error))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
+                loop.call_soon_threadsafe(_deliver, outcomes)
+
+
+def calibrate_batch_size(
+    runtime: Runtime,
+    *,
+    max_batch_size: int = 64,
+    budget_s: float = 1.0,
+    example: Mapping[str, Array] | None = None,
+) -> int:
+    """Measure samples/s at batch sizes 1, 2, 4, … ``max_batch_size``; return the fastest.
+
+    Inputs are zeros shaped by the signature; variable dimensions other than the batch take
+    their size from ``example`` (the version's example inputs) when given, else 1. Bigger
+    batches are not always faster on a CPU, so this is a measurement, not a rule. A batch
+    size the model fails on ends the search; failing at batch size 1 raises
+    ``TorchopsError``.
+    """
+    if max_batch_size < 1:
+        raise InvalidInput(f"max_batch_size must be at least 1, got {max_batch_size}")
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch_size:
+        sizes.append(max_batch_size)
+    share = budget_s / len(sizes)
+    best_size, best_rate = 1, 0.0
+    for size in sizes:
+        inputs = _zeros(runtime, size, example)
+        try:
+            runtime.predict_batch(inputs)  # warm this shape
+            runs, start = 0, time.perf_counter()
+            while True:
+                runtime.predict_batch(inputs)
+                runs += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= share or runs >= 1000:
+                    break
+        except Exception as exc:
+            if size == 1:
+                raise TorchopsError(
+                    f"cannot calibrate the batch size: the model fails on zero inputs "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            log.info("calibration stops at batch size %d: %s", size, exc)
+            break
+        rate = size * runs / elapsed
+        if rate > best_rate:
+            best_size, best_rate = size, rate
+    return best_size
+
+
+def _zeros(runtime: Runtime, batch: int, example: Mapping[str, Array] | None) -> dict[str, Array]:
+    inputs: dict[str, Any] = {}
+    for spec in runtime.signature.inputs:
+        shape = list(spec.shape)
+        known = example[spec.name].shape if example is not None and spec.name in example else None
+        for i, dim in enumerate(shape):
+            if i == 0 and dim == -1:
+                shape[0] = batch
+            elif dim == -1:
+                shape[i] = int(known[i]) if known is not None and i < len(known) else 1
+        inputs[spec.name] = np.zeros(shape, dtype=numpy_dtype(datatype_of(spec.dtype)))
+    return inputs
