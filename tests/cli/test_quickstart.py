@@ -24,6 +24,10 @@ def test_quickstart_trains_registers_and_promotes_digits(tmp_path: Path, cli: Cl
     assert first.exit_code == 0, first.stderr
     for shown in ("digits:1", "production", "onnx", "exported", "tensorboard --logdir"):
         assert shown in first.stdout
+    # the serve step answered every test image like the trained model, then the server stopped
+    assert "Serve it over HTTP" in first.stdout and "350/350" in first.stdout
+    (log,) = (home / "logs").glob("quickstart-serve-*.log")
+    assert "shutting down" in log.read_text()
     assert str(home) in first.stdout
 
     with Registry(home) as registry:
@@ -69,9 +73,11 @@ def test_quickstart_trains_registers_and_promotes_digits(tmp_path: Path, cli: Cl
     assert {"loss/train", "accuracy/test"} <= set(accumulator.Tags()["scalars"])
     assert [e.step for e in accumulator.Scalars("accuracy/test")] == [1, 2, 3, 4, 5]
 
-    second = cli("quickstart", "--home", home, "--epochs", "5", "--seed", "1")
+    second = cli("quickstart", "--home", home, "--epochs", "5", "--seed", "1", "--no-serve")
     assert second.exit_code == 0, second.stderr
     assert "moved from v1" in second.stdout
+    assert "Serve it over HTTP" not in second.stdout
+    assert len(list((home / "logs").glob("quickstart-serve-*.log"))) == 1
     with Registry(home) as registry:
         assert registry.get("digits@production").version == 2
         assert [e.to_version for e in registry.history("digits", "production")] == [1, 2]

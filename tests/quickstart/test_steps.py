@@ -35,7 +35,11 @@ def test_steps_run_in_order_and_share_the_context(tmp_path: Path) -> None:
 
 
 def test_the_default_steps() -> None:
-    assert [s.name for s in STEPS] == ["train", "checkpoint", "register", "promote", "summary"]
+    names = [s.name for s in STEPS]
+    assert names[:5] == ["train", "checkpoint", "register", "promote", "serve"]
+    assert names[-1] == "summary"
+    # everything after the serve step that is not the summary talks to the server
+    assert all(s.needs_server for s in STEPS[4:-1]) and not STEPS[-1].needs_server
 
 
 def test_a_step_needing_an_earlier_one_says_so(tmp_path: Path) -> None:

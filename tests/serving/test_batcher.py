@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -15,7 +15,7 @@ from torch import nn
 
 from torchops.errors import DeadlineExceeded, InvalidInput, Overloaded, TorchopsError, Unavailable
 from torchops.runtime import Runtime, load_runtime
-from torchops.serving.batcher import Batcher, calibrate_batch_size
+from torchops.serving.batcher import Batcher, calibrate_batch_size, measure_batch_sizes
 from torchops.serving.metrics import ServingMetrics
 from torchops.types import Array, Signature, TensorSpec
 
@@ -316,12 +316,94 @@ def test_close_while_waiting_for_a_fuller_batch(runtime: Runtime) -> None:
     assert _batches(metrics) == (0, 0)
 
 
-def test_calibrate_batch_size(runtime: Runtime) -> None:
-    best = calibrate_batch_size(runtime, max_batch_size=16, budget_s=0.05)
-    assert best in (1, 2, 4, 8, 16)
+class Pairwise(nn.Module):
+    """Every row meets every other: the cost of a batch grows with its size squared."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.unsqueeze(0) * x.unsqueeze(1)).sum(1)
+
+
+class Counting(Runtime):
+    """Wraps a real runtime, counts the batches it runs and sleeps ``pause`` seconds per call."""
+
+    format = "torchscript"
+
+    def __init__(self, inner: Runtime, pause: float = 0.0) -> None:
+        super().__init__(inner.signature)
+        self.inner = inner
+        self.pause = pause
+        self.calls = 0
+
+    def _run(self, arrays: list[Array]) -> list[Array]:
+        self.calls += 1
+        if self.pause:
+            time.sleep(self.pause)
+        return [self.inner.predict_batch({"x": arrays[0]})["y"]]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Calibrate on one torch thread, as a pinned server does: with two threads on a busy
+    two-core machine, an op big enough to go parallel can stall for a scheduler tick."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_calibration_takes_the_largest_batch_when_throughput_keeps_rising(
+    runtime: Runtime,
+) -> None:
+    # a tiny MLP: the per-call overhead dominates, so samples/s grows with the batch
+    assert calibrate_batch_size(runtime, max_batch_size=32, budget_s=0.3) == 32
+    fresh = _runtime(Net(), (-1, 8), (-1, 3))
+    assert calibrate_batch_size(fresh, max_batch_size=24, budget_s=0.2) == 24
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_calibration_avoids_batches_whose_cost_is_superlinear() -> None:
+    runtime = _runtime(Pairwise(), (-1, 1024), (-1, 1024))
+    rates = measure_batch_sizes(runtime, max_batch_size=64, budget_s=0.3)
+    assert list(rates) == [1, 2, 4, 8, 16, 32, 64]
+    assert max(rates, key=rates.__getitem__) < 64
+    assert calibrate_batch_size(runtime, max_batch_size=64, budget_s=0.3) <= 16
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_calibration_prefers_bigger_batches_within_the_tolerance(runtime: Runtime) -> None:
+    pairwise = _runtime(Pairwise(), (-1, 1024), (-1, 1024))
+    # every size is within 99.99% of the best: the largest wins
+    assert calibrate_batch_size(pairwise, max_batch_size=64, budget_s=0.3, tolerance=0.9999) == 64
+    with pytest.raises(InvalidInput, match=r"tolerance must be in \[0, 1\), got 1"):
+        calibrate_batch_size(runtime, tolerance=1)
+    with pytest.raises(InvalidInput, match="budget must be positive"):
+        calibrate_batch_size(runtime, budget_s=0)
+    with pytest.raises(InvalidInput, match="max_batch_size must be at least 1"):
+        calibrate_batch_size(runtime, max_batch_size=0)
+
+
+def test_calibration_keeps_to_its_budget(runtime: Runtime) -> None:
+    # every call takes at least 5 ms, so 0.1 s leave room for at most 20 calls, plus the
+    # one burst (one call here) that may overrun the budget
+    slow = Counting(runtime, pause=0.005)
+    rates = measure_batch_sizes(slow, max_batch_size=1024, budget_s=0.1)
+    assert 2 <= slow.calls <= 21
+    assert 1 in rates and 1024 not in rates  # half the budget went before the big sizes
+    # a fixed cost per call: samples/s grows with the batch, so the largest measured wins
+    assert calibrate_batch_size(Counting(runtime, 0.005), max_batch_size=8, budget_s=0.1) == 8
+
+
+def test_calibration_of_edge_cases(runtime: Runtime) -> None:
     assert calibrate_batch_size(runtime, max_batch_size=1, budget_s=0.01) == 1
-    capped = _runtime(Capped(), (-1, 3), (-1, 3))
+    capped = _runtime(Capped(), (-1, 3), (-1, 3))  # fails past 2 rows: the search stops there
+    assert list(measure_batch_sizes(capped, max_batch_size=64, budget_s=0.05)) == [1, 2]
     assert calibrate_batch_size(capped, max_batch_size=64, budget_s=0.05) in (1, 2)
+    fixed = Counting(_runtime(Capped(), (2, 3), (2, 3)))  # no batch dimension to grow
+    assert calibrate_batch_size(fixed, max_batch_size=64, budget_s=0.05) == 1
+    assert fixed.calls == 0
 
 
 def test_calibrate_raises_when_the_model_cannot_run_zeros() -> None:

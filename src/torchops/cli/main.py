@@ -8,8 +8,10 @@ from typing import Annotated
 import typer
 
 from torchops import __version__
-from torchops.cli import models, quickstart
+from torchops.cli import alerts, feedback, models, monitor, quickstart
 from torchops.cli._common import CliGroup, GlobalOptions, HomeOption, RegistryUrlOption
+from torchops.cli.learn import learn
+from torchops.cli.rollback import rollback
 from torchops.cli.serve import serve
 
 __all__ = ["app", "main"]
@@ -27,6 +29,12 @@ for _panel, _module in (("Getting started", quickstart), ("Registry", models)):
     for _name, _function in _module.COMMANDS.items():
         app.command(_name, rich_help_panel=_panel)(_function)
 app.command("serve", rich_help_panel="Serving")(serve)
+for _module in (monitor, feedback):
+    for _name, _function in _module.COMMANDS.items():
+        app.command(_name, rich_help_panel="Monitoring")(_function)
+app.add_typer(alerts.app, name="alerts", rich_help_panel="Monitoring")
+app.command("learn", rich_help_panel="Learning")(learn)
+app.command("rollback", rich_help_panel="Learning")(rollback)
 
 
 def _show_version(value: bool) -> None:

@@ -21,14 +21,23 @@ def quickstart(
     registry_url: RegistryUrlOption = None,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
     seed: Annotated[int, typer.Option(help="Seed for the split, initial weights and batches.")] = 0,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve/--no-serve",
+            help="Start the inference server on a free loopback port and send it requests "
+            "(--no-serve: skip that and the steps that need the server).",
+        ),
+    ] = True,
 ) -> None:
-    """Train a classifier on scikit-learn's digits, register it in every format, promote it."""
+    """Train a classifier on scikit-learn's digits, register it in every format, promote it,
+    serve it and send it the test set."""
     from torchops.quickstart import QuickstartConfig, run_quickstart
 
     settings = resolve_settings(ctx, home, registry_url)
     run_quickstart(
         settings,
-        QuickstartConfig(epochs=epochs, seed=seed),
+        QuickstartConfig(epochs=epochs, seed=seed, serve=serve),
         console=console(),
         command=_program(),
     )

@@ -23,8 +23,12 @@ __all__ = [
     "DriftWindow",
     "FeatureDrift",
     "FeatureProfile",
+    "FeedbackClient",
     "FeedbackResult",
     "FeedbackStore",
+    "Monitor",
+    "MonitorOptions",
+    "MonitorReport",
     "Observation",
     "ObservationStore",
     "ObservationWriter",
@@ -36,6 +40,7 @@ __all__ = [
     "TensorBoardSink",
     "bin_counts",
     "build_profile",
+    "build_report",
     "extract",
     "feature_names",
     "make_quality",
@@ -52,8 +57,12 @@ _LAZY = {
     "DriftWindow": "torchops.monitoring.drift",
     "FeatureDrift": "torchops.monitoring.drift",
     "FeatureProfile": "torchops.monitoring.profiles",
+    "FeedbackClient": "torchops.monitoring.client",
     "FeedbackResult": "torchops.monitoring.feedback",
     "FeedbackStore": "torchops.monitoring.feedback",
+    "Monitor": "torchops.monitoring.monitor",
+    "MonitorOptions": "torchops.monitoring.monitor",
+    "MonitorReport": "torchops.monitoring.report",
     "Observation": "torchops.monitoring.observations",
     "ObservationStore": "torchops.monitoring.observations",
     "ObservationWriter": "torchops.monitoring.observations",
@@ -65,6 +74,7 @@ _LAZY = {
     "TensorBoardSink": "torchops.monitoring.sinks",
     "bin_counts": "torchops.monitoring.profiles",
     "build_profile": "torchops.monitoring.profiles",
+    "build_report": "torchops.monitoring.report",
     "extract": "torchops.monitoring.features",
     "feature_names": "torchops.monitoring.features",
     "make_quality": "torchops.monitoring.quality",
@@ -72,9 +82,11 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from torchops.monitoring.alerts import AlertEvaluator, AlertEvent, AlertRule, AlertStore
+    from torchops.monitoring.client import FeedbackClient
     from torchops.monitoring.drift import DriftConfig, DriftReport, DriftWindow, FeatureDrift
     from torchops.monitoring.features import extract, feature_names
     from torchops.monitoring.feedback import FeedbackResult, FeedbackStore
+    from torchops.monitoring.monitor import Monitor, MonitorOptions
     from torchops.monitoring.observations import (
         Observation,
         ObservationStore,
@@ -86,6 +98,7 @@ if TYPE_CHECKING:
         RegressionQuality,
         make_quality,
     )
+    from torchops.monitoring.report import MonitorReport, build_report
     from torchops.monitoring.sinks import PrometheusSink, TensorBoardSink
     from torchops.monitoring.snapshots import Snapshot, SnapshotStore
 

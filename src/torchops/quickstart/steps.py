@@ -1,12 +1,15 @@
 """The quickstart as a list of steps sharing one context.
 
 Each step reads what earlier steps left in the ``QuickstartContext`` and adds its own
-results; later features (serving, monitoring, learning) add steps to ``STEPS``.
+results. The serve step starts a real server that later steps talk to
+(``ctx.server_url``, ``ctx.token``); steps marked ``needs_server`` are skipped when the
+quickstart runs without one (``QuickstartConfig(serve=False)``, ``--no-serve``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +25,9 @@ from rich.text import Text
 from torchops.config import Settings
 from torchops.errors import InvalidInput
 from torchops.quickstart.data import DigitsData, load_digits_data
+from torchops.quickstart.learn_step import learn_step
+from torchops.quickstart.monitor_step import monitor_step
+from torchops.quickstart.serve_step import serve_step
 from torchops.types import FORMATS, ModelVersion
 
 if TYPE_CHECKING:
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
 
     from torchops.packaging import ExportReport
     from torchops.quickstart.model import DigitsMLP
+    from torchops.quickstart.serve_step import PhaseResult, ServerProcess
     from torchops.registry import Registry
 
 __all__ = [
@@ -54,6 +61,8 @@ class QuickstartConfig:
     example_size: int = 16
     model_name: str = "digits"
     alias: str = "production"
+    #: start the inference server and run the steps that need it (False: --no-serve)
+    serve: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -81,6 +90,11 @@ class QuickstartContext:
     reports: list[ExportReport] = field(default_factory=list)
     version: ModelVersion | None = None
     previous_version: int | None = None
+    #: the running server (serve step): its base URL and the management token
+    server_url: str | None = None
+    token: str | None = None
+    server: ServerProcess | None = None
+    serve_results: list[PhaseResult] = field(default_factory=list)
     _registry: Registry | None = None
 
     @property
@@ -92,9 +106,13 @@ class QuickstartContext:
         return self._registry
 
     def close(self) -> None:
-        """Close the registry connection if a step opened one."""
-        if self._registry is not None:
-            self._registry.close()
+        """Stop the server (SIGTERM, then wait) if a step started one; close the registry."""
+        try:
+            if self.server is not None:
+                self.server.stop()
+        finally:
+            if self._registry is not None:
+                self._registry.close()
 
     def trained(self) -> tuple[DigitsData, DigitsMLP]:
         if self.data is None or self.model is None:
@@ -109,11 +127,28 @@ class QuickstartContext:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One stage of the quickstart: a short title and the function that does it."""
+    """One stage of the quickstart: a short title and the function that does it.
+
+    ``needs_server``: the step starts or uses the server, so it is skipped without one.
+    """
 
     name: str
     title: str
     run: Callable[[QuickstartContext], None]
+    needs_server: bool = False
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` intra-op torch threads, then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_step(ctx: QuickstartContext) -> None:
@@ -142,8 +177,10 @@ def train_step(ctx: QuickstartContext) -> None:
         console=ctx.console,
     )
     writer = SummaryWriter(log_dir=str(log_dir))
+    # a model this small gains nothing from parallel ops, and on a busy machine a second
+    # thread that is not scheduled stalls every step (measured: 3x slower on two cores)
     try:
-        with progress:
+        with progress, _torch_threads(1):
             task = progress.add_task("", total=cfg.epochs)
 
             def on_epoch(stats: EpochStats) -> None:
@@ -269,6 +306,10 @@ def summary_step(ctx: QuickstartContext) -> None:
         rows.append(("checkpoint", str(ctx.checkpoint_path)))
     if ctx.tensorboard_dir is not None:
         rows.append(("TensorBoard", f"tensorboard --logdir {ctx.tensorboard_dir.parent}"))
+    if ctx.server is not None:
+        rows.append(("server log", str(ctx.server.log_path)))
+        token = "TORCHOPS_TOKEN" if settings.token else str(settings.token_path)
+        rows.append(("server token", token))
     for key, value in rows:
         where.add_row(key, Text(value))
     ctx.console.print(where)
@@ -279,6 +320,7 @@ def summary_step(ctx: QuickstartContext) -> None:
         f"{ctx.command} show {mv.name}{flag}",
         f"{ctx.command} versions {mv.name}{flag}",
         f"{ctx.command} history {mv.name}{flag}",
+        f"{ctx.command} serve {mv.name}{flag}",
     ):
         ctx.console.print(f"  {escape(command)}", highlight=False, soft_wrap=True)
     home_arg = "" if default_home else repr(str(settings.home))
@@ -294,6 +336,14 @@ STEPS: tuple[Step, ...] = (
     Step("checkpoint", "Save a resumable checkpoint", checkpoint_step),
     Step("register", "Register it: every format, parity-checked", register_step),
     Step("promote", "Point the production alias at it", promote_step),
+    Step("serve", "Serve it over HTTP and send it the test set", serve_step, needs_server=True),
+    Step(
+        "monitor",
+        "Watch it: feedback, a shifted batch, drift and alerts",
+        monitor_step,
+        needs_server=True,
+    ),
+    Step("learn", "Learn the drift from feedback and promote", learn_step, needs_server=True),
     Step("summary", "What happened and where", summary_step),
 )
 
@@ -308,11 +358,15 @@ def run_quickstart(
 ) -> QuickstartContext:
     """Run ``steps`` in order and return the context they filled in.
 
-    ``command`` is how the summary spells the ``torchops`` command in its suggestions.
+    Steps that need the server are left out when ``config.serve`` is False. A server a
+    step started is stopped before this returns or raises. ``command`` is how the summary
+    spells the ``torchops`` command in its suggestions.
     """
+    config = config or QuickstartConfig()
+    steps = [step for step in steps if config.serve or not step.needs_server]
     ctx = QuickstartContext(
         settings=settings,
-        config=config or QuickstartConfig(),
+        config=config,
         console=console or Console(),
         run_id=datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f"),
         command=command,

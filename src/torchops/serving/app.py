@@ -7,6 +7,7 @@ app, whose OpenAPI page (``/docs``) documents the whole API, infer included.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import torchops
 from torchops.errors import InvalidInput, PayloadTooLarge, TorchopsError, Unavailable
 from torchops.serving.errors import Reply, error_reply, json_reply
+from torchops.serving.monitoring import add_monitoring_routes
 from torchops.serving.served import ServedVersion
 from torchops.serving.service import InferenceService, match_infer, parse_version
 from torchops.serving.stats import model_stats
@@ -104,11 +106,19 @@ class TorchopsApp:
         self.max_body_bytes = service.max_body_bytes
 
     async def startup(self) -> None:
+        monitor = self.service.monitor
+        if monitor is not None:
+            await asyncio.to_thread(monitor.start)
         await self.service.manager.start()
+        if monitor is not None:
+            for name in self.service.manager.routes:
+                monitor.watch(name)
 
     async def shutdown(self) -> None:
         self.service.shutting_down = True
         await self.service.manager.close()
+        if self.service.monitor is not None:  # after the last request was answered
+            await asyncio.to_thread(self.service.monitor.close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -211,6 +221,7 @@ def create_app(service: InferenceService) -> TorchopsApp:
         ),
     )
     _routes(api, service)
+    add_monitoring_routes(api, service)
     _handlers(api)
 
     def openapi() -> dict[str, Any]:

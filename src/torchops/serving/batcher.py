@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import threading
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from torchops.serving.datatypes import datatype_of, numpy_dtype
 from torchops.serving.metrics import ServingMetrics
 from torchops.types import Array
 
-__all__ = ["Batcher", "calibrate_batch_size"]
+__all__ = ["Batcher", "calibrate_batch_size", "measure_batch_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -373,35 +374,73 @@ def calibrate_batch_size(
     max_batch_size: int = 64,
     budget_s: float = 1.0,
     example: Mapping[str, Array] | None = None,
+    tolerance: float = 0.1,
 ) -> int:
-    """Measure samples/s at batch sizes 1, 2, 4, … ``max_batch_size``; return the fastest.
+    """The batch size to serve ``runtime`` with, from a short measurement (about ``budget_s``).
+
+    Measures samples/s at batch sizes 1, 2, 4, … ``max_batch_size`` (see
+    ``measure_batch_sizes``) and returns the largest size whose median throughput is
+    within ``tolerance`` of the best: bigger batches are not always faster on a CPU, but
+    when they are about as fast they also save the server a thread wake-up per batch.
+    A model whose inputs have a fixed leading dimension cannot be batched: 1.
+    """
+    if not 0 <= tolerance < 1:
+        raise InvalidInput(f"tolerance must be in [0, 1), got {tolerance}")
+    if not all(spec.shape[:1] == (-1,) for spec in runtime.signature.inputs):
+        _check_budget(max_batch_size, budget_s)
+        return 1
+    rates = measure_batch_sizes(
+        runtime,
+        max_batch_size=max_batch_size,
+        budget_s=budget_s,
+        example=example,
+    )
+    best = max(rates.values())
+    chosen = max(size for size, rate in rates.items() if rate >= (1 - tolerance) * best)
+    log.info(
+        "batch size %d (samples/s by batch size: %s)",
+        chosen,
+        ", ".join(f"{size}: {rate:,.0f}" for size, rate in rates.items()),
+    )
+    return chosen
+
+
+def measure_batch_sizes(
+    runtime: Runtime,
+    *,
+    max_batch_size: int = 64,
+    budget_s: float = 1.0,
+    example: Mapping[str, Array] | None = None,
+) -> dict[int, float]:
+    """Median samples/s of ``runtime`` at batch sizes 1, 2, 4, … ``max_batch_size``.
 
     Inputs are zeros shaped by the signature; variable dimensions other than the batch take
-    their size from ``example`` (the version's example inputs) when given, else 1. Bigger
-    batches are not always faster on a CPU, so this is a measurement, not a rule. A batch
-    size the model fails on ends the search; failing at batch size 1 raises
-    ``TorchopsError``.
+    their size from ``example`` (the version's example inputs) when given, else 1. Each size
+    is warmed and timed once, smallest first (a size the model fails on ends the list, and
+    so does spending half the budget); then rounds visit every size in turn, alternating
+    the order, each running a burst of calls, until ``budget_s`` is spent. Interleaving
+    spreads any load on the machine over all sizes alike, and the median of the bursts
+    ignores the odd stall. The time taken is about ``budget_s``, plus at most one burst
+    or one call of the largest size. Failing at batch size 1 raises ``TorchopsError``.
     """
-    if max_batch_size < 1:
-        raise InvalidInput(f"max_batch_size must be at least 1, got {max_batch_size}")
-    sizes = [1]
-    while sizes[-1] * 2 < max_batch_size:
-        sizes.append(sizes[-1] * 2)
-    if sizes[-1] != max_batch_size:
-        sizes.append(max_batch_size)
-    share = budget_s / len(sizes)
-    best_size, best_rate = 1, 0.0
-    for size in sizes:
-        inputs = _zeros(runtime, size, example)
+    _check_budget(max_batch_size, budget_s)
+    import torch
+
+    # apply torch's thread count to this thread's OpenMP / MKL settings: a worker thread
+    # (the server calibrates in one) can otherwise run with their default, every core, and
+    # on a busy machine each parallel op then waits for a core (measured: 30-100 ms calls
+    # of a tiny MLP) while the compute thread, which sets its count, never does
+    torch.set_num_threads(torch.get_num_threads())
+    start = time.perf_counter()
+    deadline = start + budget_s
+    inputs: dict[int, dict[str, Array]] = {}
+    per_call: dict[int, float] = {}  # latest estimate of one call's seconds
+    rates: dict[int, list[float]] = {}
+    for size in _candidate_sizes(max_batch_size):
+        batch = _zeros(runtime, size, example)
         try:
-            runtime.predict_batch(inputs)  # warm this shape
-            runs, start = 0, time.perf_counter()
-            while True:
-                runtime.predict_batch(inputs)
-                runs += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= share or runs >= 1000:
-                    break
+            runtime.predict_batch(batch)  # warm this shape
+            elapsed = _time_calls(runtime, batch, 1)
         except Exception as exc:
             if size == 1:
                 raise TorchopsError(
@@ -410,10 +449,52 @@ def calibrate_batch_size(
                 ) from exc
             log.info("calibration stops at batch size %d: %s", size, exc)
             break
-        rate = size * runs / elapsed
-        if rate > best_rate:
-            best_size, best_rate = size, rate
-    return best_size
+        inputs[size], per_call[size], rates[size] = batch, elapsed, [size / elapsed]
+        if time.perf_counter() - start >= budget_s / 2:
+            break  # no time left to measure bigger (slower) batches properly
+    sizes = list(inputs)
+    burst_s = budget_s / (_ROUNDS * len(sizes))
+    reverse = False
+    while time.perf_counter() < deadline:
+        for size in reversed(sizes) if reverse else sizes:
+            if time.perf_counter() >= deadline:
+                break
+            calls = max(1, min(_MAX_BURST_CALLS, round(burst_s / per_call[size])))
+            elapsed = _time_calls(runtime, inputs[size], calls)
+            per_call[size] = elapsed / calls
+            rates[size].append(size * calls / elapsed)
+        reverse = not reverse
+    return {size: statistics.median(samples) for size, samples in rates.items()}
+
+
+# rounds the budget aims for: many short bursts, so that the median of each size shrugs
+# off the bursts another process interrupted
+_ROUNDS = 25
+_MAX_BURST_CALLS = 10_000
+
+
+def _check_budget(max_batch_size: int, budget_s: float) -> None:
+    if max_batch_size < 1:
+        raise InvalidInput(f"max_batch_size must be at least 1, got {max_batch_size}")
+    if not budget_s > 0:
+        raise InvalidInput(f"the calibration budget must be positive, got {budget_s} s")
+
+
+def _candidate_sizes(max_batch_size: int) -> list[int]:
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch_size:
+        sizes.append(max_batch_size)
+    return sizes
+
+
+def _time_calls(runtime: Runtime, inputs: dict[str, Array], calls: int) -> float:
+    """Seconds that ``calls`` runs of ``inputs`` take (never 0, for a too-coarse clock)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        runtime.predict_batch(inputs)
+    return max(time.perf_counter() - start, 1e-9)
 
 
 def _zeros(runtime: Runtime, batch: int, example: Mapping[str, Array] | None) -> dict[str, Array]:

@@ -17,18 +17,23 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torchops.config import Settings
 from torchops.serving.auth import TokenAuth, load_token
+
+if TYPE_CHECKING:
+    from torchops.monitoring.monitor import MonitorOptions
 
 __all__ = ["HTTP_STACKS", "bind", "serve"]
 
 log = logging.getLogger("torchops.serving")
 
 HTTP_STACKS = ("torchops", "uvicorn")
+#: how long feedback for an unknown id waits for the other workers' observation writers
+_PEER_GRACE_S = 1.0
 HttpStack = Literal["torchops", "uvicorn"]
 
 
@@ -86,8 +91,15 @@ def serve(
     threads: int | None = None,
     listen_fd: int | None = None,
     drain_timeout_s: float = 30.0,
+    monitor: bool = True,
+    monitor_options: MonitorOptions | None = None,
+    learn: bool = False,
 ) -> None:
-    """Serve ``refs`` (or every model with a ``production`` alias) until SIGTERM/SIGINT."""
+    """Serve ``refs`` (or every model with a ``production`` alias) until SIGTERM/SIGINT.
+
+    ``monitor`` records every prediction and runs a ``Monitor`` (``monitor_options``,
+    defaults otherwise); ``learn`` also runs the online learner for the served models.
+    """
     settings = settings if settings is not None else Settings.load()
     if workers < 1:
         raise ValueError("workers must be at least 1")
@@ -104,8 +116,10 @@ def serve(
         options += ["--access-log"] if access_log else []
         options += ["--auth-inference"] if auth_inference else []
         options += [f"--threads={threads}"] if threads is not None else []
+        if not monitor:
+            options.append("--no-monitor")
         _announce(url, token_path, workers)
-        _run_workers(sock, workers, refs, settings, token, options)
+        _run_workers(sock, workers, refs, settings, token, options, monitor_options, learn)
         return
     threads = _torch_threads(threads)
     main = _main(
@@ -120,6 +134,8 @@ def serve(
         drain_timeout_s=drain_timeout_s,
         threads=threads,
         announce=(url, token_path) if primary else None,
+        monitor_options=_monitor_options(monitor_options) if monitor else None,
+        learn=learn,
     )
     try:
         import uvloop
@@ -127,6 +143,12 @@ def serve(
         asyncio.run(main)
     else:
         uvloop.run(main)
+
+
+def _monitor_options(options: MonitorOptions | None) -> MonitorOptions:
+    from torchops.monitoring.monitor import MonitorOptions
+
+    return options if options is not None else MonitorOptions()
 
 
 def _announce(url: str, token_path: Path | None, workers: int = 1) -> None:
@@ -149,6 +171,8 @@ async def _main(
     drain_timeout_s: float,
     threads: int,
     announce: tuple[str, Path | None] | None,
+    monitor_options: MonitorOptions | None,
+    learn: bool,
 ) -> None:
     from torchops.registry import Registry
     from torchops.serving.app import create_app
@@ -168,6 +192,13 @@ async def _main(
         drain_timeout_s=drain_timeout_s,
         threads=threads,
     )
+    monitor = None
+    if monitor_options is not None:
+        from torchops.monitoring.monitor import Monitor
+
+        monitor = Monitor(
+            registry, settings, monitor_options, metrics_registry=manager.metrics.registry
+        )
     service = InferenceService(
         manager,
         auth=auth,
@@ -175,8 +206,10 @@ async def _main(
         max_body_bytes=settings.max_body_bytes,
         request_timeout_s=settings.request_timeout_s,
         access_log=access_log,
+        monitor=monitor,
     )
     app = create_app(service)
+    learner: Any = None
     try:
         if http == "uvicorn":
             await _run_uvicorn(app, sock, announce)
@@ -186,6 +219,10 @@ async def _main(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await app.startup()
+        if learn:
+            from torchops.learning.learner import start_embedded
+
+            learner = start_embedded(registry, settings, sorted(manager.routes))
         server = HttpServer(app, access_log=access_log)
         await server.start(sock)
         # everything loaded so far lives as long as the server: keep it out of the cyclic
@@ -197,8 +234,13 @@ async def _main(
         await stop.wait()
         log.info("shutting down: finishing requests in flight")
         await server.shutdown(drain_timeout_s)
+        if learner is not None:
+            await asyncio.to_thread(learner.stop)
+            learner = None
         await app.shutdown()
     finally:
+        if learner is not None:
+            learner.stop()
         registry.close()
 
 
@@ -223,8 +265,14 @@ def _run_workers(
     settings: Settings,
     token: str,
     options: list[str],
+    monitor_options: MonitorOptions | None = None,
+    learn: bool = False,
 ) -> None:
-    """Start ``workers`` processes serving ``sock``; forward SIGTERM/SIGINT; wait for them."""
+    """Start ``workers`` processes serving ``sock``; forward SIGTERM/SIGINT; wait for them.
+
+    With monitoring on, the first worker leads it (snapshots, TensorBoard, alerts) and is
+    the one that learns online when ``learn``.
+    """
     env = dict(os.environ)
     for field in fields(settings):
         value = getattr(settings, field.name)
@@ -233,7 +281,15 @@ def _run_workers(
     env["TORCHOPS_TOKEN"] = token
     fd = sock.fileno()
     command = [sys.executable, "-m", "torchops.serving", *refs, *options, "--listen-fd", str(fd)]
-    children = [subprocess.Popen(command, env=env, pass_fds=(fd,)) for _ in range(workers)]
+    commands = [command] * workers
+    if "--no-monitor" not in options:
+        # feedback may reach a worker before the one that answered has written the prediction
+        leader = replace(_monitor_options(monitor_options), peer_grace_s=_PEER_GRACE_S)
+        follower = replace(leader, leader=False)
+        commands = [command + (leader if i == 0 else follower).cli_args() for i in range(workers)]
+    if learn:
+        commands[0] = [*commands[0], "--learn"]
+    children = [subprocess.Popen(c, env=env, pass_fds=(fd,)) for c in commands]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:

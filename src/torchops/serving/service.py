@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -28,6 +29,9 @@ from torchops.serving.errors import JSON, OCTET_STREAM, Reply, RequestIds, error
 from torchops.serving.manager import ModelManager
 from torchops.serving.served import ServedVersion
 from torchops.types import Array
+
+if TYPE_CHECKING:
+    from torchops.monitoring.monitor import Monitor
 
 __all__ = ["InferenceService", "match_infer", "parse_version"]
 
@@ -63,7 +67,8 @@ class InferenceService:
     ``auth`` (a ``TokenAuth``) protects management calls, and inference too when
     ``auth_inference``. Without ``auth`` nothing is protected (for embedding in tests or
     behind a gateway that authenticates). ``reject_nonfinite`` refuses NaN and infinity
-    in float inputs.
+    in float inputs. ``monitor`` (a started ``Monitor``) observes every successful
+    prediction; None turns monitoring off.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class InferenceService:
         request_timeout_s: float = 30.0,
         reject_nonfinite: bool = True,
         access_log: bool = False,
+        monitor: Monitor | None = None,
     ) -> None:
         if auth_inference and auth is None:
             raise ValueError("auth_inference needs a token (auth)")
@@ -86,6 +92,7 @@ class InferenceService:
         self.request_timeout_s = request_timeout_s
         self.reject_nonfinite = reject_nonfinite
         self.access_log = access_log
+        self.monitor = monitor
         self.metrics = manager.metrics
         self.ids = RequestIds()
         #: set when shutdown starts: readiness turns 503 while in-flight requests finish
@@ -196,7 +203,12 @@ class InferenceService:
         else:
             header = ((b"inference-header-content-length", str(json_length).encode()),)
             reply = Reply(200, payload, OCTET_STREAM, header)
-        self.metrics.observe_request(model, served.version_str, "ok", time.monotonic() - start)
+        seconds = time.monotonic() - start
+        self.metrics.observe_request(model, served.version_str, "ok", seconds)
+        if self.monitor is not None:
+            self.monitor.record(
+                model, served.version, served.signature, rid, seconds, request.inputs, outputs
+            )
         if self.access_log:
             self._log(rid, model, served, 200, start, len(body))
         return reply

@@ -1,0 +1,206 @@
+"""What monitoring costs the inference server, and how fast feedback goes in.
+
+Two servers over the same registry run side by side, pinned to the same CPU
+(``BENCH_SERVER_CPU``, default 1; ``wrk`` on ``BENCH_CLIENT_CPU``, default 0), as in
+``bench/serve.py`` whose model, body and load helpers this reuses: one with
+``--no-monitor``, one monitoring with every observation kept and inputs sampled at 1.0
+(the ``mlp`` model is registered with a reference sample, so drift is computed too).
+``wrk`` loads them in turn — off, on, off, on, … — with the OIP JSON body at concurrency 64;
+between turns the monitored server is given time to finish writing. It prints req/s and
+server CPU per request of each turn, the median ratio on/off (target ≥ 95%), how many
+observations were stored and dropped, then the feedback ingestion rate: labels for stored
+predictions sent through ``POST /v2/models/mlp/feedback`` in the batch form.
+
+Usage: python bench/monitor.py [--rounds 3] [--duration 8] [--warmup 3] [--conc 64]
+                               [--feedback 20000] [--feedback-batch 1000]
+Needs 2 CPUs and ``wrk``. Numbers are noisy when other work shares the machine; the load
+average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve import (
+    LUA,
+    SERVER_CPU,
+    bodies,
+    build,
+    cpu_seconds,
+    free_port,
+    get,
+    sample,
+    wrk,
+)
+
+MODEL = "mlp"
+
+
+def start(home: str, port: int, *flags: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("TORCHOPS_TOKEN", None)
+    command = [
+        "taskset", "-c", SERVER_CPU, sys.executable, "-m", "torchops.serving", MODEL,
+        "--home", home, "--port", str(port), "--threads=1", *flags,
+    ]  # fmt: skip
+    log = Path(home) / f"server-{port}.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=out)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            get(f"http://127.0.0.1:{port}/v2/health/ready")
+            return server
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited; see {log}") from None
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def metric(base: str, name: str) -> float:
+    total = 0.0
+    for line in get(f"{base}/metrics").decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def stored(home: str) -> int:
+    from sqlalchemy import func, select
+
+    from torchops.monitoring import store
+    from torchops.registry import Registry
+
+    with Registry(home) as registry, registry.engine.connect() as conn:
+        o = store.observations
+        return int(conn.execute(select(func.count()).select_from(o)).scalar_one())
+
+
+def request_ids(home: str, limit: int) -> list[str]:
+    from sqlalchemy import select
+
+    from torchops.monitoring import store
+    from torchops.registry import Registry
+
+    with Registry(home) as registry, registry.engine.connect() as conn:
+        o = store.observations
+        query = select(o.c.request_id).where(o.c.model == MODEL).limit(limit)
+        return [str(r) for r in conn.execute(query).scalars()]
+
+
+def feedback_rate(base: str, token: str, ids: list[str], batch: int) -> tuple[int, float]:
+    rng = np.random.default_rng(0)
+    accepted, t0 = 0, time.perf_counter()
+    for startat in range(0, len(ids), batch):
+        chunk = ids[startat : startat + batch]
+        items = [
+            {"id": i, "target": int(t)}
+            for i, t in zip(chunk, rng.integers(0, 10, len(chunk)), strict=True)
+        ]
+        request = urllib.request.Request(
+            f"{base}/v2/models/{MODEL}/feedback",
+            data=json.dumps({"items": items}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            accepted += int(json.loads(response.read())["accepted"])
+    return accepted, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8)
+    parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--conc", type=int, default=64)
+    parser.add_argument("--feedback", type=int, default=20_000)
+    parser.add_argument("--feedback-batch", type=int, default=1000)
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds between turns")
+    args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) < 2 or shutil.which("wrk") is None:
+        sys.exit("needs 2 CPUs and wrk (apt-get install wrk)")
+    home = tempfile.mkdtemp(prefix="torchops-bench-monitor-")
+    lua = Path(home) / "post.lua"
+    lua.write_text(LUA)
+    from torchops.registry import Registry
+
+    with Registry(home) as registry:
+        x = torch.from_numpy(sample(MODEL)[None])
+        reference = torch.randn(1000, 64, generator=torch.Generator().manual_seed(7))
+        version = registry.register(
+            MODEL, build(MODEL), x, formats=("torchscript",), task="classification",
+            reference=reference,
+        )  # fmt: skip
+        registry.set_alias(MODEL, "production", version.version)
+    body = bodies(MODEL, Path(home))["json"]
+    ports = {"off": free_port(), "on": free_port()}
+    servers = {
+        "off": start(home, ports["off"], "--no-monitor"),
+        "on": start(home, ports["on"], "--input-sample-rate=1.0"),
+    }
+    bases = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
+    rows: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    print(f"load average before: {os.getloadavg()}")
+    try:
+        for kind in ("off", "on"):
+            wrk(bases[kind], MODEL, lua, body, args.conc, args.warmup)
+        time.sleep(args.settle)
+        for turn in range(args.rounds):
+            for kind in ("off", "on") if turn % 2 == 0 else ("on", "off"):
+                cpu0 = cpu_seconds(servers[kind].pid)
+                r = wrk(bases[kind], MODEL, lua, body, args.conc, args.duration)
+                time.sleep(args.settle)  # the monitored server finishes writing: its CPU counts
+                cpu1 = cpu_seconds(servers[kind].pid)
+                rps = r["requests"] / (r["duration_us"] / 1e6)
+                cpu_us = (cpu1 - cpu0) * 1e6 / max(1, r["requests"])
+                rows[kind].append((rps, cpu_us))
+                print(
+                    f"  round {turn + 1} monitoring {kind:3s}: {rps:9,.0f} req/s  "
+                    f"p50 {r['p50_us'] / 1000:6.2f} ms  p99 {r['p99_us'] / 1000:6.2f} ms  "
+                    f"errors {r['errors']}  server cpu {cpu_us:6.1f} us/req",
+                    flush=True,
+                )
+        answered = metric(bases["on"], "torchops_requests_total")
+        dropped = metric(bases["on"], "torchops_observations_dropped_total")
+        kept = stored(home)
+        off = statistics.median(r for r, _ in rows["off"])
+        on = statistics.median(r for r, _ in rows["on"])
+        cpu_off = statistics.median(c for _, c in rows["off"])
+        cpu_on = statistics.median(c for _, c in rows["on"])
+        print(f"\nmonitoring on / off throughput: {on:,.0f} / {off:,.0f} req/s = {on / off:.1%}")
+        print(f"server CPU per request: {cpu_on:.1f} / {cpu_off:.1f} us = {cpu_off / cpu_on:.1%}")
+        print(f"observations stored {kept:,} of {answered:,.0f} answered ({dropped:,.0f} dropped)")
+        token = (Path(home) / "token").read_text().strip()
+        ids = request_ids(home, args.feedback)
+        accepted, seconds = feedback_rate(bases["on"], token, ids, args.feedback_batch)
+        print(
+            f"feedback: {accepted:,} labels in batches of {args.feedback_batch} in "
+            f"{seconds:.2f} s = {accepted / seconds:,.0f} items/s"
+        )
+        print(f"load average after: {os.getloadavg()}")
+    finally:
+        for server in servers.values():
+            server.terminate()
+            server.wait(timeout=60)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
