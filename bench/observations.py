@@ -8,7 +8,9 @@ Usage: python bench/observations.py [--rows N] [--batch-size N] [--input-values 
 2. Sustained rows/s: N observations (3 float outputs, ``--input-values`` float inputs,
    a class index and probabilities) put as fast as possible into a writer on a fresh
    SQLite database (WAL), timed until ``flush`` returns — encoding included — against a
-   plain multi-row insert of the same rows already encoded (the database's own ceiling).
+   plain multi-row insert of the same rows already encoded (the database's own ceiling),
+   and against the writer's previous path (SQLAlchemy multi-row insert with RETURNING and
+   its JSON type) in the same run.
 
 Prints figures and ratios; asserts nothing.
 """
@@ -21,6 +23,7 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +31,65 @@ from torchops.monitoring import store
 from torchops.monitoring.observations import Observation, ObservationWriter
 from torchops.packaging import encode_arrays
 from torchops.registry.store import connect, utcnow
+
+
+class SqlAlchemyWriter(ObservationWriter):
+    """The writer as it was: one SQLAlchemy multi-row insert with RETURNING per batch."""
+
+    def _row(self, obs: Observation) -> tuple[Any, ...]:
+        row = super()._row(obs)
+        return (
+            *row[:3],
+            obs.at,
+            *row[4:7],
+            store.jsonable(obs.prediction),
+            store.jsonable(obs.proba),
+        )
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> list[bool] | None:
+        insert = store.insert_ignoring_duplicates(
+            self.engine.dialect.name, store.observations
+        ).returning(store.observations.c.request_id)
+        params = [dict(zip(store.RAW_INSERT_COLUMNS, row, strict=True)) for row in rows]
+        with store.writer(self.engine).begin() as conn:
+            inserted = {r[0] for r in conn.execute(insert, params)}
+        return None if len(inserted) == len(rows) else [r[2] in inserted for r in rows]
+
+
+def writer_rate(
+    cls: type[ObservationWriter], url: str, items: list[Observation], batch_size: int
+) -> tuple[float, float, float]:
+    """Rows/s put-to-flushed, seconds the puts took, seconds until flushed."""
+    engine = connect(url)
+    writer = cls(engine, max_buffer=len(items) + 1, batch_size=batch_size)
+    writer.start()
+    start = time.perf_counter()
+    for obs in items:
+        writer.put(obs)
+    put_done = time.perf_counter() - start
+    writer.flush()
+    elapsed = time.perf_counter() - start
+    writer.close()
+    engine.dispose()
+    assert writer.written == len(items), (writer.written, writer.dropped)
+    return len(items) / elapsed, put_done, elapsed
+
+
+def drain_cpu(
+    cls: type[ObservationWriter], url: str, items: list[Observation], batch_size: int
+) -> float:
+    """CPU µs per row of the writer's work alone: buffer everything, then drain it on this
+    thread (``close`` without a writer thread); immune to other load on the machine."""
+    engine = connect(url)
+    writer = cls(engine, max_buffer=len(items) + 1, batch_size=batch_size)
+    for obs in items:
+        writer.put(obs)
+    start = time.process_time()
+    writer.close()
+    cpu = time.process_time() - start
+    engine.dispose()
+    assert writer.written == len(items), (writer.written, writer.dropped)
+    return cpu / len(items) * 1e6
 
 
 def observations(n: int, input_values: int) -> list[Observation]:
@@ -118,18 +180,18 @@ def main() -> None:
         engine.dispose()
 
         # -- sustained writing ------------------------------------------------------------
-        engine = connect(f"sqlite:///{Path(tmp) / 'rows.db'}")
-        writer = ObservationWriter(engine, max_buffer=len(items) + 1, batch_size=args.batch_size)
-        writer.start()
-        start = time.perf_counter()
-        for obs in items:
-            writer.put(obs)
-        put_done = time.perf_counter() - start
-        writer.flush()
-        elapsed = time.perf_counter() - start
-        writer.close()
-        assert writer.written == len(items), (writer.written, writer.dropped)
-        rate = len(items) / elapsed
+        old_cpu = drain_cpu(
+            SqlAlchemyWriter, f"sqlite:///{Path(tmp) / 'old-cpu.db'}", items, args.batch_size
+        )
+        new_cpu = drain_cpu(
+            ObservationWriter, f"sqlite:///{Path(tmp) / 'cpu.db'}", items, args.batch_size
+        )
+        old_rate, _, _ = writer_rate(
+            SqlAlchemyWriter, f"sqlite:///{Path(tmp) / 'old.db'}", items, args.batch_size
+        )
+        rate, put_done, elapsed = writer_rate(
+            ObservationWriter, f"sqlite:///{Path(tmp) / 'rows.db'}", items, args.batch_size
+        )
 
         raw_engine = connect(f"sqlite:///{Path(tmp) / 'raw.db'}")
         store.ensure_tables(raw_engine)
@@ -153,11 +215,13 @@ def main() -> None:
                 conn.execute(store.observations.insert(), rows[first : first + args.batch_size])
         raw_rate = len(rows) / (time.perf_counter() - start)
         raw_engine.dispose()
-        engine.dispose()
 
     print(f"writer, SQLite WAL, batch {args.batch_size}, {args.input_values} input values/row")
     print(f"  puts took {put_done:.2f} s; written and flushed in {elapsed:.2f} s")
     print(f"  writer (encode + insert)    {rate:9.0f} rows/s")
+    print(f"  previous writer (SQLAlchemy){old_rate:9.0f} rows/s  ({rate / old_rate:.2f}x)")
+    print(f"  writer CPU, drained inline  {new_cpu:9.1f} µs/row")
+    print(f"  previous writer CPU         {old_cpu:9.1f} µs/row  ({old_cpu / new_cpu:.2f}x)")
     print(f"  raw insert, pre-encoded     {raw_rate:9.0f} rows/s")
     print(f"  ratio writer / raw insert   {rate / raw_rate:9.2f}")
 

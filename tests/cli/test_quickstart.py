@@ -31,8 +31,11 @@ def test_quickstart_trains_registers_and_promotes_digits(tmp_path: Path, cli: Cl
     assert str(home) in first.stdout
 
     with Registry(home) as registry:
-        mv = registry.get("digits@production")
-        assert mv.version == 1
+        mv = registry.get("digits:1")
+        # the learn step promoted a version trained online from the feedback
+        production = registry.get("digits@production")
+        assert production.version > 1 and production.source == "online-learning"
+        assert production.parent is not None
         assert mv.task == "classification" and mv.source == "quickstart"
         assert mv.signature.labels == tuple(str(i) for i in range(10))
         assert mv.formats == FORMATS
@@ -41,8 +44,9 @@ def test_quickstart_trains_registers_and_promotes_digits(tmp_path: Path, cli: Cl
         reference = registry.reference("digits:1")
         assert reference is not None and reference["x"].shape == (500, 64)
         assert float(reference["x"].min()) >= 0.0 and float(reference["x"].max()) <= 1.0
-        (event,) = registry.history("digits", "production")
-        assert event.to_version == 1 and event.reason == "quickstart"
+        first_event, *moves = registry.history("digits", "production")
+        assert first_event.to_version == 1 and first_event.reason == "quickstart"
+        assert moves and moves[-1].to_version == production.version
 
         # the checkpoint resumes the very model that was registered
         checkpoint = Path(mv.tags["checkpoint"])
@@ -55,7 +59,7 @@ def test_quickstart_trains_registers_and_promotes_digits(tmp_path: Path, cli: Cl
         with torch.inference_mode():
             expected = model.eval()(torch.from_numpy(data.x_test)).numpy()
         for fmt in FORMATS:
-            runtime = registry.load("digits", fmt)
+            runtime = registry.load("digits:1", fmt)
             got = runtime.predict(data.x_test)
             assert isinstance(got, np.ndarray)
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -75,10 +79,12 @@ def test_quickstart_trains_registers_and_promotes_digits(tmp_path: Path, cli: Cl
 
     second = cli("quickstart", "--home", home, "--epochs", "5", "--seed", "1", "--no-serve")
     assert second.exit_code == 0, second.stderr
-    assert "moved from v1" in second.stdout
+    assert f"moved from v{production.version}" in second.stdout
     assert "Serve it over HTTP" not in second.stdout
     assert len(list((home / "logs").glob("quickstart-serve-*.log"))) == 1
     with Registry(home) as registry:
-        assert registry.get("digits@production").version == 2
-        assert [e.to_version for e in registry.history("digits", "production")] == [1, 2]
+        newest = registry.versions("digits")[-1]
+        assert newest.source == "quickstart" and newest.version > production.version
+        assert registry.get("digits@production").version == newest.version
+        assert registry.history("digits", "production")[-1].to_version == newest.version
     assert len(list((home / "tensorboard" / "quickstart").rglob("events.out.tfevents.*"))) == 2

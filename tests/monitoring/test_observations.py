@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -234,7 +235,7 @@ def test_labelled_waits_for_an_observation_still_in_the_buffer(
     observations = ObservationStore(engine)
     page = observations.labelled("clf")
     # the cursor stops before the unjoined feedback, so nothing is skipped
-    assert page == ([], 0)
+    assert (page.observations, page.cursor) == ([], 0)
     writer.flush()
     page = observations.labelled("clf", since_id=page.cursor)
     assert [(o.request_id, o.label) for o in page.observations] == [
@@ -315,3 +316,96 @@ def test_retention_by_count_keeps_the_newest_per_model(
     assert _rows(engine) == 0
     with pytest.raises(InvalidInput):
         observations.apply_retention(max_rows=-1)
+
+
+def test_duplicates_within_one_batch_keep_the_first(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    drops: list[tuple[str, int]] = []
+    written: list[list[str]] = []
+    writer = ObservationWriter(
+        engine,
+        on_drop=lambda m, n: drops.append((m, n)),
+        on_write=lambda b: written.append([o.request_id for o in b]),
+    )
+    writer.put(make_observation("clf", "a"))
+    writer.put(make_observation("clf", "same", prediction=1))
+    writer.put(make_observation("clf", "same", prediction=2))
+    writer.put(make_observation("clf", "b"))
+    writer.flush()
+    assert _rows(engine) == 3
+    assert writer.written == 3 and writer.dropped == 1 and drops == [("clf", 1)]
+    assert written == [["a", "same", "b"]]  # the loser is not passed on
+    got = ObservationStore(engine).get("clf", "same")
+    assert got is not None and got.prediction == 1
+
+
+def test_a_batch_the_database_refuses_is_dropped_and_counted(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    drops: list[tuple[str, int]] = []
+    writer = ObservationWriter(engine, on_drop=lambda m, n: drops.append((m, n)))
+    writer.put(make_observation("clf", "kept"))
+    writer.flush()
+    # a version beyond the INTEGER column's range: the database rejects the whole batch
+    writer.put(make_observation("clf", "r1"))
+    writer.put(make_observation("clf", "r2", version=2**70))
+    writer.flush()
+    assert (writer.written, writer.dropped, drops) == (1, 2, [("clf", 2)])
+    assert _rows(engine) == 1
+    writer.put(make_observation("clf", "r3"))  # the writer keeps going afterwards
+    writer.flush()
+    assert writer.written == 2 and _rows(engine) == 2
+
+
+def test_rows_read_back_as_if_sqlalchemy_had_written_them(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    at = datetime(2030, 5, 6, 7, 8, 9, 12, tzinfo=UTC)
+    obs = [
+        replace(make_observation("clf", "none", at=at, prediction=None), proba=None),
+        replace(
+            make_observation("clf", "odd", at=at + timedelta(microseconds=1), prediction=[1.5]),
+            proba=[0.5, float("nan"), float("inf")],
+        ),
+        replace(  # numpy values and integer keys: not plain JSON, unwrapped as before
+            make_observation("clf", "numpy", at=at, prediction={1: np.int64(2)}),
+            proba=np.array([0.25, 0.75]),  # type: ignore[arg-type]  # what callers may pass
+        ),
+    ]
+    writer = ObservationWriter(engine)
+    for o in obs:
+        writer.put(o)
+    writer.flush()
+    with store.writer(engine).begin() as conn:  # the same rows through SQLAlchemy's types
+        for o in obs:
+            conn.execute(
+                store.observations.insert().values(
+                    model="reg",
+                    version=o.version,
+                    request_id=o.request_id,
+                    at=o.at,
+                    latency_s=o.latency_s,
+                    outputs=b"",
+                    prediction=store.jsonable(o.prediction),
+                    proba=store.jsonable(o.proba),
+                )
+            )
+    observations = ObservationStore(engine)
+    for model in ("clf", "reg"):
+        page = observations.observations(model, since=at + timedelta(microseconds=1), arrays=False)
+        assert [o.request_id for o in page.observations] == ["odd"]
+        got = {o.request_id: o for o in observations.observations(model, arrays=False)[0]}
+        assert got["none"].prediction is None and got["none"].proba is None
+        assert got["odd"].prediction == [1.5] and got["odd"].proba == [0.5, None, None]
+        assert got["numpy"].prediction == {"1": 2} and got["numpy"].proba == [0.25, 0.75]
+        assert got["none"].at == at
+        t = store.observations
+        with engine.connect() as conn:  # SQL sees the same values too (JSON null, not NULL)
+            nulls = conn.execute(
+                select(func.count()).where(t.c.model == model, t.c.proba.is_(None))
+            ).scalar_one()
+            later = conn.execute(
+                select(func.count()).where(t.c.model == model, t.c.at > at)
+            ).scalar_one()
+        assert (nulls, later) == (0, 1)

@@ -148,3 +148,14 @@ def test_array_encoder_falls_back_for_other_byte_orders_and_types() -> None:
     assert decode_arrays(encoder.encode({"y": [1.0, 2.0]}))["y"].tolist() == [1.0, 2.0]  # type: ignore[dict-item]
     with pytest.raises(InvalidInput):
         encoder.encode({"s": np.array(["text"])})
+
+
+def test_array_encoder_keeps_layouts_apart_that_differ_only_in_byte_order() -> None:
+    encoder = store.ArrayEncoder()
+    little = np.arange(4, dtype="<f4")
+    big = np.arange(4, dtype=">f4")
+    for arrays in ({"x": little}, {"x": big}, {"x": little}):  # one layout cached, then not
+        decoded = decode_arrays(encoder.encode(arrays))["x"]
+        np.testing.assert_array_equal(decoded, np.arange(4))
+    as_float64 = decode_arrays(encoder.encode({"x": little.astype("<f8")}))["x"]
+    assert as_float64.dtype == np.float64 and as_float64.tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -2,9 +2,10 @@
 
 ``ObservationWriter.put`` is what the server calls for each prediction, on its event
 loop: a length check and a deque append, never a lock, an encode or a database call.
-A background thread takes the buffer in batches, encodes arrays (safetensors) and writes
-them with one multi-row insert per batch. A full buffer drops the observation and counts
-it (``dropped``, ``on_drop``) rather than slowing the request.
+A background thread takes the buffer in batches, encodes arrays (safetensors) and JSON
+values (orjson) itself and writes each batch with one ``executemany`` on the raw DBAPI
+connection: no SQLAlchemy statement or type processing per row. A full buffer drops the
+observation and counts it (``dropped``, ``on_drop``) rather than slowing the request.
 
 An observation describes one predicted row; ``prediction`` is what quality metrics need
 without decoding arrays (a class index for a classifier, a number or list of numbers for
@@ -21,7 +22,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, Row, and_, exists, func, or_, select
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 _RETENTION_CHUNK = 2000
 #: the longest request id stored (the column's size)
 _MAX_ID = 256
+#: no observation time seen yet (``None`` is an invalid time that must still be checked)
+_UNSET = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +135,12 @@ class ObservationWriter:
         self._written = 0
         self._rng = random.Random(seed)
         self._encoder = store.ArrayEncoder()
-        self._insert = store.insert_ignoring_duplicates(
-            engine.dialect.name, store.observations
-        ).returning(store.observations.c.request_id)
+        self._sqlite = engine.dialect.name == "sqlite"
+        # per-row work the writer skips when a value repeats: model names already checked,
+        # and the last ``at`` converted (every row of one request shares it)
+        self._valid_models: set[str] = set()
+        self._last_at: tuple[object, Any] = (_UNSET, None)
+        self._insert_sql = store.raw_insert_ignoring_duplicates(engine.dialect.name)
 
     def __repr__(self) -> str:
         return (
@@ -277,7 +283,7 @@ class ObservationWriter:
         return batch, markers
 
     def _write(self, batch: list[Observation]) -> None:
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
         kept: list[Observation] = []
         failed: Counter[str] = Counter()
         for obs in batch:
@@ -292,22 +298,21 @@ class ObservationWriter:
         if not rows:
             return
         try:
-            with store.writer(self.engine).begin() as conn:
-                inserted = {r[0] for r in conn.execute(self._insert, rows)}
+            inserted = self._insert(rows)
         except Exception:
             log.exception("could not write %d observations; dropping them", len(rows))
             self._drop(Counter(obs.model for obs in kept))
             return
-        if len(inserted) < len(kept):
+        if inserted is not None:
             # a request id already stored for the model: the first observation wins
-            duplicates = [o for o in kept if o.request_id not in inserted]
+            duplicates = [o for o, new in zip(kept, inserted, strict=True) if not new]
             log.warning(
                 "dropping %d observations whose request id was already stored (e.g. %r)",
                 len(duplicates),
                 duplicates[0].request_id,
             )
             self._drop(Counter(o.model for o in duplicates))
-            kept = [o for o in kept if o.request_id in inserted]
+            kept = [o for o, new in zip(kept, inserted, strict=True) if new]
         with self._counts_lock:
             self._written += len(kept)
         if self.on_write is not None and kept:
@@ -316,24 +321,40 @@ class ObservationWriter:
             except Exception:
                 log.exception("on_write callback failed")
 
-    def _row(self, obs: Observation) -> dict[str, Any]:
+    def _insert(self, rows: list[tuple[Any, ...]]) -> list[bool] | None:
+        """Insert ``rows``, skipping stored request ids: None if all went in, else which."""
+        return store.execute_many_ignoring_duplicates(self.engine, self._insert_sql, rows)
+
+    def _row(self, obs: Observation) -> tuple[Any, ...]:
+        """``obs`` as the insert's parameters, in ``store.RAW_INSERT_COLUMNS`` order."""
         # checked here, off the request path, so one bad observation cannot sink its batch
-        validate_name(obs.model)
+        model = obs.model
+        if type(model) is not str or model not in self._valid_models:
+            validate_name(model)
+            if len(self._valid_models) >= 1024:
+                self._valid_models.clear()
+            self._valid_models.add(model)
         if not isinstance(obs.request_id, str) or not 0 < len(obs.request_id) <= _MAX_ID:
             raise InvalidInput(f"request id must be 1-{_MAX_ID} characters: {obs.request_id!r}")
-        if not isinstance(obs.at, datetime) or obs.at.tzinfo is None:
-            raise InvalidInput(f"observation time must be timezone-aware, got {obs.at!r}")
-        return {
-            "model": obs.model,
-            "version": int(obs.version),
-            "request_id": obs.request_id,
-            "at": obs.at,
-            "latency_s": float(obs.latency_s),
-            "outputs": self._encoder.encode(obs.outputs),
-            "inputs": self._sampled_inputs(obs.inputs),
-            "prediction": store.jsonable(obs.prediction),
-            "proba": store.jsonable(obs.proba),
-        }
+        last_at, at = self._last_at
+        if obs.at is not last_at:
+            if not isinstance(obs.at, datetime) or obs.at.tzinfo is None:
+                raise InvalidInput(f"observation time must be timezone-aware, got {obs.at!r}")
+            utc = obs.at.astimezone(UTC)
+            # SQLite: naive UTC text laid out as SQLAlchemy's DateTime stores and compares it
+            at = utc.replace(tzinfo=None).isoformat(" ", "microseconds") if self._sqlite else utc
+            self._last_at = (obs.at, at)
+        return (
+            model,
+            int(obs.version),
+            obs.request_id,
+            at,
+            float(obs.latency_s),
+            self._encoder.encode(obs.outputs),
+            self._sampled_inputs(obs.inputs),
+            store.json_text(obs.prediction),
+            store.json_text(obs.proba),
+        )
 
     def _sampled_inputs(self, inputs: dict[str, Array] | None) -> bytes | None:
         if not inputs:

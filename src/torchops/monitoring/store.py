@@ -11,6 +11,7 @@ read, so a label that arrives before its observation is written joins once it is
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import weakref
@@ -39,22 +40,26 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
-from torchops.errors import Conflict
+from torchops.errors import Conflict, InvalidInput
 from torchops.registry import store as registry_store
 from torchops.registry.store import Json, UTCDateTime
 from torchops.types import Array
 
 __all__ = [
+    "RAW_INSERT_COLUMNS",
     "SCHEMA_VERSION",
     "ArrayEncoder",
     "alert_events",
     "alert_rules",
     "ensure_tables",
+    "execute_many_ignoring_duplicates",
     "feedback",
     "insert_ignoring_duplicates",
+    "json_text",
     "jsonable",
     "metadata",
     "observations",
+    "raw_insert_ignoring_duplicates",
     "snapshots",
     "writer",
 ]
@@ -207,11 +212,13 @@ class ArrayEncoder:
 
     def __init__(self, cache_size: int = 1024) -> None:
         self.cache_size = cache_size
-        self._headers: dict[tuple[tuple[str, str, tuple[int, ...]], ...], bytes] = {}
+        self._headers: dict[tuple[tuple[str, Any, tuple[int, ...]], ...], bytes] = {}
 
     def encode(self, arrays: Mapping[str, Array]) -> bytes:
         try:
-            layout = tuple((name, a.dtype.str, a.shape) for name, a in arrays.items())
+            # keyed on the dtype object (``dtype.str`` is computed on each access); equal
+            # numpy dtypes have the same ``str``; a list, not a generator: this is per row
+            layout = tuple([(name, a.dtype, a.shape) for name, a in arrays.items()])
         except AttributeError:  # not numpy arrays
             return _encode_arrays(arrays)
         header = self._headers.get(layout)
@@ -233,15 +240,17 @@ def _encode_arrays(arrays: Mapping[str, Array]) -> bytes:
     return encode_arrays(arrays)
 
 
-def _safetensors_header(layout: tuple[tuple[str, str, tuple[int, ...]], ...]) -> bytes | None:
+def _safetensors_header(layout: tuple[tuple[str, Any, tuple[int, ...]], ...]) -> bytes | None:
     """The length-prefixed safetensors header for arrays laid out one after another."""
     entries: dict[str, Any] = {}
     offset = 0
     for name, dtype, shape in layout:
-        code = _SAFETENSORS_DTYPES.get(dtype)
+        if not isinstance(dtype, np.dtype):  # e.g. a torch tensor
+            return None
+        code = _SAFETENSORS_DTYPES.get(dtype.str)
         if code is None or not isinstance(name, str) or not name or name in entries:
             return None
-        size = math.prod(shape) * np.dtype(dtype).itemsize
+        size = math.prod(shape) * dtype.itemsize
         entries[name] = {
             "dtype": code,
             "shape": list(shape),
@@ -258,6 +267,89 @@ def insert_ignoring_duplicates(dialect: str, table: Table) -> Insert:
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     return sqlite.insert(table).on_conflict_do_nothing()
+
+
+#: the observation columns ``raw_insert_ignoring_duplicates`` binds, in order
+RAW_INSERT_COLUMNS = (
+    "model",
+    "version",
+    "request_id",
+    "at",
+    "latency_s",
+    "outputs",
+    "inputs",
+    "prediction",
+    "proba",
+)
+_JSON_COLUMNS = frozenset({"prediction", "proba"})
+
+
+def raw_insert_ignoring_duplicates(dialect: str) -> str:
+    """DBAPI SQL inserting one observation (``RAW_INSERT_COLUMNS``), skipping duplicates.
+
+    For ``executemany`` on the raw connection: positional parameters in the driver's
+    style (sqlite3 ``?``, psycopg ``%s``); JSON columns take JSON text (cast to JSONB on
+    PostgreSQL; SQLite stores the text, as SQLAlchemy's JSON type does).
+    """
+    if dialect == "postgresql":
+        marks = ["%s::jsonb" if c in _JSON_COLUMNS else "%s" for c in RAW_INSERT_COLUMNS]
+    elif dialect == "sqlite":
+        marks = ["?"] * len(RAW_INSERT_COLUMNS)
+    else:
+        raise InvalidInput(f"observations need SQLite or PostgreSQL, not {dialect!r}")
+    return (
+        f"INSERT INTO {observations.name} ({', '.join(RAW_INSERT_COLUMNS)}) "
+        f"VALUES ({', '.join(marks)}) ON CONFLICT DO NOTHING"
+    )
+
+
+def execute_many_ignoring_duplicates(
+    engine: Engine, sql: str, rows: list[tuple[Any, ...]]
+) -> list[bool] | None:
+    """Run ``sql`` (``raw_insert_ignoring_duplicates``) for ``rows`` in one transaction.
+
+    None when every row was inserted, else which ones were (rare: a duplicate makes the
+    batch roll back and go again one row at a time, to learn which rows lost).
+    """
+    sqlite = engine.dialect.name == "sqlite"
+    conn = engine.raw_connection()
+    try:
+        cursor = conn.cursor()
+        try:
+            if sqlite:  # the write lock up front, as ``writer`` takes it
+                cursor.execute("BEGIN IMMEDIATE")
+            cursor.executemany(sql, rows)
+            if cursor.rowcount == len(rows):  # summed over the rows by sqlite3 and psycopg
+                conn.commit()
+                return None
+            conn.rollback()
+            if sqlite:
+                cursor.execute("BEGIN IMMEDIATE")
+            inserted: list[bool] = []
+            for row in rows:
+                cursor.execute(sql, row)
+                inserted.append(cursor.rowcount == 1)
+            conn.commit()
+            return inserted
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            cursor.close()
+    finally:
+        conn.close()
+
+
+def json_text(value: Any) -> str:
+    """``value`` as JSON text, as SQLAlchemy's JSON type stores it (None → ``null``)."""
+    if value is None:
+        return "null"
+    try:
+        # plain Python values (what ``RowRule.predict`` gives); orjson writes NaN and ±inf
+        # as null, as ``jsonable`` does
+        return orjson.dumps(value).decode()
+    except TypeError:  # numpy values, non-string keys, integers beyond 64 bits
+        return json.dumps(jsonable(value), allow_nan=False)
 
 
 def jsonable(value: Any) -> Any:
