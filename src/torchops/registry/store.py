@@ -8,6 +8,8 @@ a ``schema_version`` row in ``meta`` records the layout so later releases can mi
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -223,14 +225,34 @@ def connect(url: str | URL) -> Engine:
     )
 
 
+def _use_wal(cursor: Any) -> None:
+    """Put the database in WAL mode (persistent, so usually already done), retrying while
+    another connection holds the lock the switch needs: SQLite answers "database is
+    locked" at once here rather than waiting for the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return  # WAL now, or a database that cannot be (in memory)
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # let SQLAlchemy's "begin" event below decide how transactions start
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # the timeout first: switching a new database to WAL takes a lock that another
+        # process opening it at the same moment may hold
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        _use_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
