@@ -60,26 +60,9 @@ MODES = {
 
 
 def register(home: Path) -> None:
-    import torch
+    from torchops.quickstart.train import fit_digits
 
-    from torchops.quickstart.model import DigitsMLP
-    from torchops.quickstart.train import train_classifier
-
-    data = load_digits_data(seed=0)
-    torch.manual_seed(0)
-    model = DigitsMLP()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    train_classifier(
-        model,
-        optimizer,
-        data.x_train,
-        data.y_train,
-        data.x_test,
-        data.y_test,
-        epochs=15,
-        batch_size=64,
-        seed=0,
-    )
+    data, model = fit_digits(epochs=15)
     with Registry(home) as registry:
         registry.register(
             "digits",

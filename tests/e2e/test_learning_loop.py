@@ -12,16 +12,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 from rich.console import Console
 
 from torchops.config import Settings
 from torchops.learning.learner import SOURCE
 from torchops.quickstart import QuickstartConfig, QuickstartContext
-from torchops.quickstart.data import DigitsData, load_digits_data
 from torchops.quickstart.learn_step import run_learning, show_learning
-from torchops.quickstart.model import DigitsMLP
-from torchops.quickstart.train import train_classifier
+from torchops.quickstart.train import fit_digits
 from torchops.registry import Registry
 from torchops.types import Array
 
@@ -34,28 +31,9 @@ BUDGET = 700
 BATCH = 25
 
 
-def train_digits() -> tuple[DigitsData, DigitsMLP]:
-    data = load_digits_data(seed=0)
-    torch.manual_seed(0)
-    model = DigitsMLP()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    train_classifier(
-        model,
-        optimizer,
-        data.x_train,
-        data.y_train,
-        data.x_test,
-        data.y_test,
-        epochs=15,
-        batch_size=64,
-        seed=0,
-    )
-    return data, model.eval()
-
-
 def register_digits(home: Path) -> tuple[Array, Array, Array, Array]:
     """``digits`` v1 in production (clean images); returns the stream and test sets."""
-    data, model = train_digits()
+    data, model = fit_digits()
     with Registry(home) as registry:
         registry.register(
             "digits",
@@ -142,7 +120,7 @@ def test_quickstart_learn_step_recovers_accuracy_on_the_drift(
     home = tmp_path / "home"
     register_digits(home)
     server = launch(home)
-    data, model = train_digits()
+    data, model = fit_digits()
     output = io.StringIO()
     ctx = QuickstartContext(
         settings=Settings.load(home=home),

@@ -35,9 +35,9 @@ from torchops.learning.learner import SOURCE, Learner, start_embedded
 from torchops.learning.trainer import TrainConfig
 from torchops.monitoring.feedback import FeedbackStore
 from torchops.monitoring.observations import Observation, ObservationWriter
-from torchops.quickstart.data import DigitsData, load_digits_data
+from torchops.quickstart.data import DigitsData
 from torchops.quickstart.model import DigitsMLP
-from torchops.quickstart.train import train_classifier
+from torchops.quickstart.train import fit_digits
 from torchops.refs import ModelRef
 from torchops.registry import Registry
 from torchops.registry.store import utcnow
@@ -51,21 +51,7 @@ TRAIN = TrainConfig(optimizer="adam", lr=3e-3, steps=150, batch_size=64)
 @cache
 def digits() -> tuple[DigitsData, dict[str, torch.Tensor]]:
     """The quickstart's split and an MLP trained on its clean training images (once)."""
-    data = load_digits_data(seed=0)
-    torch.manual_seed(0)
-    model = DigitsMLP()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    train_classifier(
-        model,
-        optimizer,
-        data.x_train,
-        data.y_train,
-        data.x_test,
-        data.y_test,
-        epochs=20,
-        batch_size=64,
-        seed=0,
-    )
+    data, model = fit_digits(epochs=20)
     return data, {k: v.clone() for k, v in model.state_dict().items()}
 
 

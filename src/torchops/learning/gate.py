@@ -227,14 +227,9 @@ def judge(
     if n < config.min_samples:
         reason = f"too few labels compared: {n} < min_samples {config.min_samples}"
         return verdict(False, None, reason)
-    if task == "classification":
-        b = int(np.count_nonzero(~old_ok & new_ok))
-        c = int(np.count_nonzero(old_ok & ~new_ok))
-        p_value = mcnemar_exact(b, c)
-    else:
-        p_value = paired_bootstrap(
-            old_loss, new_loss, n_resamples=config.n_resamples, seed=config.seed
-        )
+    p_value = paired_p_value(
+        task, truth, old, new, n_resamples=config.n_resamples, seed=config.seed
+    )
     summary = (
         f"{metric} {champion:.4f} -> {challenger:.4f} ({gain:+.2%}), "
         f"{test} p={p_value:.3g} on {n} labels"
@@ -257,6 +252,22 @@ def judge(
     else:
         return verdict(True, p_value, f"promote: {summary}")
     return verdict(False, p_value, reason)
+
+
+def paired_p_value(
+    task: Task, truth: Array, first: Array, second: Array, *, n_resamples: int, seed: int
+) -> float:
+    """The paired test the gate and the guard share, on two models' predictions of the
+    same rows: exact McNemar on the rows only one of them got right (classification),
+    else the one-sided bootstrap that ``second`` has no lower squared error."""
+    if task == "classification":
+        first_ok, second_ok = first == truth, second == truth
+        b = int(np.count_nonzero(~first_ok & second_ok))
+        c = int(np.count_nonzero(first_ok & ~second_ok))
+        return mcnemar_exact(b, c)
+    return paired_bootstrap(
+        row_losses(truth, first), row_losses(truth, second), n_resamples=n_resamples, seed=seed
+    )
 
 
 def row_losses(truth: Array, pred: Array) -> Array:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from torchops.errors import InvalidInput
-from torchops.learning.gate import _paired, mcnemar_exact, paired_bootstrap, row_losses
+from torchops.learning.gate import _paired, paired_p_value, row_losses
 from torchops.types import Array, Task
 
 __all__ = ["Decision", "GuardConfig", "check_rollback"]
@@ -107,16 +107,10 @@ def check_rollback(
     if n < config.min_samples:
         reason = f"keep watching: {n} of {config.min_samples} labels"
         return decision(False, False, None, reason)
-    if task == "classification":
-        # b: the parent wrong where the new version is right; c: the other way round
-        b = int(np.count_nonzero(~parent_ok & new_ok))
-        c = int(np.count_nonzero(parent_ok & ~new_ok))
-        p_value = mcnemar_exact(b, c)
-    else:
-        # one-sided: is the parent better than the new version?
-        p_value = paired_bootstrap(
-            new_loss, parent_loss, n_resamples=config.n_resamples, seed=config.seed
-        )
+    # one-sided for regression: is the parent better than the new version?
+    p_value = paired_p_value(
+        task, truth, new, parent, n_resamples=config.n_resamples, seed=config.seed
+    )
     summary = (
         f"{metric} parent {parent_score:.4f}, new {new_score:.4f} (drop {drop:+.2%}), "
         f"{test} p={p_value:.3g} on {n} labels"

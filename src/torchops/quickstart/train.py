@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,7 +12,11 @@ from torch import nn
 
 from torchops.types import Array
 
-__all__ = ["EpochStats", "Evaluation", "evaluate", "train_classifier"]
+if TYPE_CHECKING:
+    from torchops.quickstart.data import DigitsData
+    from torchops.quickstart.model import DigitsMLP
+
+__all__ = ["EpochStats", "Evaluation", "evaluate", "fit_digits", "train_classifier"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +101,27 @@ def train_classifier(
             on_epoch(stats)
     model.eval()
     return step
+
+
+def fit_digits(*, epochs: int = 15, seed: int = 0) -> tuple[DigitsData, DigitsMLP]:
+    """The quickstart's digits split and its MLP trained with the quickstart's recipe
+    (Adam, lr 3e-3, batches of 64), silently; the model is returned in eval mode."""
+    from torchops.quickstart.data import load_digits_data
+    from torchops.quickstart.model import DigitsMLP
+
+    data = load_digits_data(seed=seed)
+    torch.manual_seed(seed)
+    model = DigitsMLP()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train_classifier(
+        model,
+        optimizer,
+        data.x_train,
+        data.y_train,
+        data.x_test,
+        data.y_test,
+        epochs=epochs,
+        batch_size=64,
+        seed=seed,
+    )
+    return data, model.eval()
