@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import torchops
 from torchops.errors import InvalidInput, PayloadTooLarge, TorchopsError, Unavailable
+from torchops.serving.codec import json_object
 from torchops.serving.errors import Reply, error_reply, json_reply
 from torchops.serving.monitoring import add_monitoring_routes
 from torchops.serving.served import ServedVersion
@@ -398,7 +399,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
             entries = await manager.index()
             body = await request.body()
             if body.strip():
-                options = _json_object(body)
+                options = json_object(body)
                 if options.get("ready") is True:
                     entries = [e for e in entries if e["state"] == "READY"]
             return json_reply(entries)
@@ -413,7 +414,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
             service.check_token(request.headers.get("authorization"))
             body = await request.body()
             if body.strip():
-                parameters = _json_object(body).get("parameters") or {}
+                parameters = json_object(body).get("parameters") or {}
                 if parameters:
                     raise InvalidInput(
                         "load parameters (config, files) are not supported: models come from "
@@ -439,15 +440,3 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
     async def metrics() -> Response:
         body, content_type = manager.metrics.render()
         return Response(body, 200, media_type=content_type)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    import orjson
-
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the request body must be a JSON object")
-    return data

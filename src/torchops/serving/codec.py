@@ -41,6 +41,7 @@ __all__ = [
     "decode_request",
     "encode_error",
     "encode_response",
+    "json_object",
 ]
 
 
@@ -383,6 +384,17 @@ def _output_datatype(name: str, array: Array) -> str:
         raise TorchopsError(
             f"output {name!r} has dtype {array.dtype}, which the protocol cannot carry"
         ) from None
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """Parse a request body that must be a JSON object (management and feedback calls)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return data
 
 
 def encode_error(message: str) -> bytes:

@@ -34,7 +34,7 @@ from fastapi.responses import Response
 from torchops.errors import InvalidInput, Unavailable
 from torchops.monitoring.feedback import normalize_target
 from torchops.refs import validate_name
-from torchops.serving.codec import decode_request
+from torchops.serving.codec import decode_request, json_object
 from torchops.serving.errors import Reply, error_reply, json_reply
 from torchops.serving.service import InferenceService, parse_version
 
@@ -80,16 +80,6 @@ def _response(reply: Reply) -> Response:
     )
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the request body must be a JSON object")
-    return data
-
-
 def _errors(errors: list[tuple[int, str]]) -> list[dict[str, Any]]:
     return [{"index": i, "error": message} for i, message in errors]
 
@@ -120,7 +110,7 @@ def add_monitoring_routes(api: FastAPI, service: InferenceService) -> None:
             service.check_token(request.headers.get("authorization"))
             mon = monitor()
             validate_name(model)
-            data = _json_object(await request.body())
+            data = json_object(await request.body())
             if "items" in data:
                 return json_reply(await _batch(mon, model, data["items"]))
             if "target" not in data:
