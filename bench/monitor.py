@@ -83,26 +83,20 @@ def metric(base: str, name: str) -> float:
 
 
 def stored(home: str) -> int:
-    from sqlalchemy import func, select
-
-    from torchops.monitoring import store
+    from torchops.monitoring import ObservationStore
     from torchops.registry import Registry
 
-    with Registry(home) as registry, registry.engine.connect() as conn:
-        o = store.observations
-        return int(conn.execute(select(func.count()).select_from(o)).scalar_one())
+    with Registry(home) as registry:
+        return ObservationStore(registry.engine).count(MODEL)
 
 
 def request_ids(home: str, limit: int) -> list[str]:
-    from sqlalchemy import select
-
-    from torchops.monitoring import store
+    from torchops.monitoring import ObservationStore
     from torchops.registry import Registry
 
-    with Registry(home) as registry, registry.engine.connect() as conn:
-        o = store.observations
-        query = select(o.c.request_id).where(o.c.model == MODEL).limit(limit)
-        return [str(r) for r in conn.execute(query).scalars()]
+    with Registry(home) as registry:
+        page = ObservationStore(registry.engine).observations(MODEL, limit=limit, arrays=False)
+        return [o.request_id for o in page.observations]
 
 
 def feedback_rate(base: str, token: str, ids: list[str], batch: int) -> tuple[int, float]:

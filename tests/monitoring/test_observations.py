@@ -12,8 +12,14 @@ from sqlalchemy import Engine, Table, func, select
 
 from torchops.errors import InvalidInput, Unavailable
 from torchops.monitoring import store
+from torchops.monitoring._batches import Batch
+from torchops.monitoring._record import RowRule
 from torchops.monitoring.feedback import FeedbackStore
-from torchops.monitoring.observations import Observation, ObservationStore, ObservationWriter
+from torchops.monitoring.observations import (
+    ObservationStore,
+    ObservationWriter,
+    ObservedBatch,
+)
 from torchops.registry import Registry
 from torchops.registry.store import utcnow
 from torchops.types import ModelVersion
@@ -21,33 +27,46 @@ from torchops.types import ModelVersion
 from .conftest import MakeObservation
 
 
-def _rows(engine: Engine, table: Table = store.observations) -> int:
+def _rows(engine: Engine) -> int:
+    """Observations stored, summed over the stored batches."""
+    b = store.observation_batches
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.coalesce(func.sum(b.c.rows), 0))).scalar_one())
+
+
+def _count(engine: Engine, table: Table) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
-def test_writer_writes_in_batches_of_batch_size(
+def _ids(batches: Sequence[Batch]) -> list[str]:
+    return [rid for batch in batches for rid in batch.row_ids()]
+
+
+def test_writer_stores_one_batch_per_version_and_flush(
     engine: Engine, make_observation: MakeObservation
 ) -> None:
-    batches: list[int] = []
-    writer = ObservationWriter(engine, batch_size=5, on_write=lambda b: batches.append(len(b)))
+    written: list[list[tuple[int, int]]] = []
+    writer = ObservationWriter(
+        engine, on_write=lambda bs: written.append([(b.version, len(b)) for b in bs])
+    )
     for i in range(23):
-        assert writer.put(make_observation("clf", f"r{i}"))
+        assert writer.put(make_observation("clf", f"r{i}", version=1 + (i >= 20)))
     assert _rows(engine) == 0  # nothing touches the database before the writer runs
     writer.flush()
-    assert batches == [5, 5, 5, 5, 3]
+    assert written == [[(1, 20), (2, 3)]]
     assert writer.written == 23 and writer.dropped == 0
-    assert _rows(engine) == 23
+    assert _rows(engine) == 23 and _count(engine, store.observation_batches) == 2
 
 
 def test_writer_thread_writes_and_flush_waits(
     engine: Engine, make_observation: MakeObservation
 ) -> None:
-    batches: list[Sequence[Observation]] = []
+    batches: list[Batch] = []
     threads: set[str] = set()
 
-    def seen(batch: Sequence[Observation]) -> None:
-        batches.append(batch)
+    def seen(stored: Sequence[Batch]) -> None:
+        batches.extend(stored)
         threads.add(threading.current_thread().name)
 
     # a long interval: only the batch-size wake-up and flush make it write
@@ -61,8 +80,7 @@ def test_writer_thread_writes_and_flush_waits(
         assert _rows(engine) == 10
         assert writer.pending_ids("clf") == set()
         assert threads == {"torchops-observations"}
-        assert all(len(b) <= 4 for b in batches)
-        assert [o.request_id for b in batches for o in b] == ids
+        assert _ids(batches) == ids
     finally:
         writer.close()
 
@@ -185,15 +203,16 @@ def test_observations_pages_with_cursor_and_filters(
     writer.put(make_observation("other", "x"))
     writer.flush()
     observations = ObservationStore(engine)
+    # a flush stores each version's observations together, in the order they came
     first = observations.observations("clf", limit=4)
-    assert [o.request_id for o in first.observations] == ["r0", "r1", "r2", "r3"]
+    assert [o.request_id for o in first.observations] == ["r0", "r2", "r4", "r1"]
     rest = observations.observations("clf", since_id=first.cursor)
-    assert [o.request_id for o in rest.observations] == ["r4", "r5"]
+    assert [o.request_id for o in rest.observations] == ["r3", "r5"]
     assert observations.observations("clf", since_id=rest.cursor) == ([], rest.cursor)
     v2 = observations.observations("clf", 2)
     assert [o.request_id for o in v2.observations] == ["r1", "r3", "r5"]
     recent = observations.observations("clf", since=utcnow() - timedelta(hours=1))
-    assert [o.request_id for o in recent.observations] == ["r2", "r3", "r4", "r5"]
+    assert [o.request_id for o in recent.observations] == ["r2", "r4", "r3", "r5"]
     light = observations.observations("clf", arrays=False, limit=1).observations[0]
     assert light.outputs == {} and light.inputs is None and light.prediction == 0
     assert observations.count("clf") == 6 and observations.count("clf", 2) == 3
@@ -290,7 +309,7 @@ def test_retention_by_age_removes_old_observations_and_their_feedback(
     assert observations.apply_retention(max_age=timedelta(days=1)) == 5
     assert _rows(engine) == 3
     assert observations.get("clf", "old0") is None
-    assert _rows(engine, store.feedback) == 1
+    assert _count(engine, store.feedback) == 1
     labelled = observations.labelled("clf").observations
     assert [(o.request_id, o.label) for o in labelled] == [("new0", 2)]
     assert observations.apply_retention(max_age=timedelta(days=1)) == 0
@@ -326,7 +345,7 @@ def test_duplicates_within_one_batch_keep_the_first(
     writer = ObservationWriter(
         engine,
         on_drop=lambda m, n: drops.append((m, n)),
-        on_write=lambda b: written.append([o.request_id for o in b]),
+        on_write=lambda b: written.append(_ids(b)),
     )
     writer.put(make_observation("clf", "a"))
     writer.put(make_observation("clf", "same", prediction=1))
@@ -347,18 +366,19 @@ def test_a_batch_the_database_refuses_is_dropped_and_counted(
     writer = ObservationWriter(engine, on_drop=lambda m, n: drops.append((m, n)))
     writer.put(make_observation("clf", "kept"))
     writer.flush()
-    # a version beyond the INTEGER column's range: the database rejects the whole batch
+    # a version beyond the INTEGER column's range: the database rejects that stored batch
     writer.put(make_observation("clf", "r1"))
     writer.put(make_observation("clf", "r2", version=2**70))
+    writer.put(make_observation("clf", "r3", version=2**70))
     writer.flush()
-    assert (writer.written, writer.dropped, drops) == (1, 2, [("clf", 2)])
-    assert _rows(engine) == 1
-    writer.put(make_observation("clf", "r3"))  # the writer keeps going afterwards
+    assert (writer.written, writer.dropped, drops) == (2, 2, [("clf", 2)])
+    assert _rows(engine) == 2  # the other version's batch of the same flush went in
+    writer.put(make_observation("clf", "r4"))  # the writer keeps going afterwards
     writer.flush()
-    assert writer.written == 2 and _rows(engine) == 2
+    assert writer.written == 3 and _rows(engine) == 3
 
 
-def test_rows_read_back_as_if_sqlalchemy_had_written_them(
+def test_given_predictions_read_back_as_json_values(
     engine: Engine, make_observation: MakeObservation
 ) -> None:
     at = datetime(2030, 5, 6, 7, 8, 9, 12, tzinfo=UTC)
@@ -368,7 +388,7 @@ def test_rows_read_back_as_if_sqlalchemy_had_written_them(
             make_observation("clf", "odd", at=at + timedelta(microseconds=1), prediction=[1.5]),
             proba=[0.5, float("nan"), float("inf")],
         ),
-        replace(  # numpy values and integer keys: not plain JSON, unwrapped as before
+        replace(  # numpy values and integer keys: not plain JSON, unwrapped
             make_observation("clf", "numpy", at=at, prediction={1: np.int64(2)}),
             proba=np.array([0.25, 0.75]),  # type: ignore[arg-type]  # what callers may pass
         ),
@@ -377,35 +397,102 @@ def test_rows_read_back_as_if_sqlalchemy_had_written_them(
     for o in obs:
         writer.put(o)
     writer.flush()
-    with store.writer(engine).begin() as conn:  # the same rows through SQLAlchemy's types
-        for o in obs:
-            conn.execute(
-                store.observations.insert().values(
-                    model="reg",
-                    version=o.version,
-                    request_id=o.request_id,
-                    at=o.at,
-                    latency_s=o.latency_s,
-                    outputs=b"",
-                    prediction=store.jsonable(o.prediction),
-                    proba=store.jsonable(o.proba),
-                )
-            )
     observations = ObservationStore(engine)
-    for model in ("clf", "reg"):
-        page = observations.observations(model, since=at + timedelta(microseconds=1), arrays=False)
-        assert [o.request_id for o in page.observations] == ["odd"]
-        got = {o.request_id: o for o in observations.observations(model, arrays=False)[0]}
-        assert got["none"].prediction is None and got["none"].proba is None
-        assert got["odd"].prediction == [1.5] and got["odd"].proba == [0.5, None, None]
-        assert got["numpy"].prediction == {"1": 2} and got["numpy"].proba == [0.25, 0.75]
-        assert got["none"].at == at
-        t = store.observations
-        with engine.connect() as conn:  # SQL sees the same values too (JSON null, not NULL)
-            nulls = conn.execute(
-                select(func.count()).where(t.c.model == model, t.c.proba.is_(None))
-            ).scalar_one()
-            later = conn.execute(
-                select(func.count()).where(t.c.model == model, t.c.at > at)
-            ).scalar_one()
-        assert (nulls, later) == (0, 1)
+    page = observations.observations("clf", since=at + timedelta(microseconds=1), arrays=False)
+    assert [o.request_id for o in page.observations] == ["odd"]
+    got = {o.request_id: o for o in observations.observations("clf", arrays=False)[0]}
+    assert got["none"].prediction is None and got["none"].proba is None
+    assert got["odd"].prediction == [1.5] and got["odd"].proba == [0.5, None, None]
+    assert got["numpy"].prediction == {"1": 2} and got["numpy"].proba == [0.25, 0.75]
+    assert got["none"].at == at and got["odd"].at == at + timedelta(microseconds=1)
+
+
+def test_server_batches_name_requests_by_number_and_index_only_client_ids(
+    engine: Engine, classifier: ModelVersion
+) -> None:
+    rule = RowRule(classifier.signature)
+    writer = ObservationWriter(engine, id_prefix="srv")
+    scores = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.1, 0.2, 0.7], [1.0, 1.0, 5.0]])
+    inputs = np.arange(16, dtype=np.float32).reshape(4, 4)
+    # request 7 of three rows, then a client-chosen id of one row
+    writer.put_batch(
+        ObservedBatch(
+            "clf", 1, [7, "client-1"], [3, 1], 1e9, [10.0, 10.5], 10.75,
+            {"output": scores.astype(np.float32)}, {"input": inputs}, rule,
+        )
+    )  # fmt: skip
+    assert writer.pending_versions("clf", ["srv-7/2", "client-1", "srv-7", "nope"]) == {
+        "srv-7/2": 1,
+        "client-1": 1,
+    }
+    assert writer.pending("clf", "srv-7/1") is not None
+    writer.flush()
+    observations = ObservationStore(engine)
+    assert observations.versions("clf", ["srv-7/0", "srv-7/2", "client-1", "srv-7", "srv-8/0"]) == {
+        "srv-7/0": 1,
+        "srv-7/2": 1,
+        "client-1": 1,
+    }
+    assert _count(engine, store.observation_ids) == 1  # generated ids need no index row
+    row = observations.get("clf", "srv-7/2")
+    assert row is not None and row.latency_s == pytest.approx(0.75)
+    np.testing.assert_array_equal(row.inputs["input"], inputs[2:3])  # type: ignore[index]
+    # predictions are not stored: they follow from the outputs by the version's rule
+    assert row.prediction == 2 and row.proba == pytest.approx([0.1, 0.2, 0.7])  # already sums to 1
+    client = observations.get("clf", "client-1")
+    assert client is not None and client.prediction == 2
+    assert client.proba == pytest.approx(np.exp([1, 1, 5]) / np.exp([1, 1, 5]).sum())
+    first = observations.get("clf", "srv-7/0")
+    assert first is not None and first.latency_s == pytest.approx(0.75) and first.prediction == 1
+    with engine.connect() as conn:
+        stored = conn.execute(select(store.observation_batches.c.predictions)).scalar_one()
+    assert stored is None
+
+
+def test_pages_end_inside_a_stored_batch_and_resume_there(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    for flush in range(3):
+        for i in range(4):
+            writer.put(make_observation("clf", f"r{flush}{i}"))
+        writer.flush()
+    observations = ObservationStore(engine)
+    seen: list[str] = []
+    cursor = 0
+    while True:
+        page = observations.observations("clf", since_id=cursor, limit=3, arrays=False)
+        if not page.observations:
+            break
+        seen += [o.request_id for o in page.observations]
+        cursor = page.cursor
+    assert seen == [f"r{f}{i}" for f in range(3) for i in range(4)]
+    assert observations.latest_cursor("clf") == cursor
+    assert observations.observations("clf", since_id=observations.latest_cursor("clf")) == (
+        [],
+        cursor,
+    )
+
+
+def test_retention_by_count_trims_inside_a_batch_with_its_ids_and_feedback(
+    engine: Engine, classifier: ModelVersion, make_observation: MakeObservation
+) -> None:
+    writer = ObservationWriter(engine)
+    for i in range(6):
+        writer.put(make_observation("clf", f"c{i}"))
+    writer.flush()
+    feedback = FeedbackStore(engine, writer)
+    feedback.add("clf", "c1", 1)
+    feedback.add("clf", "c4", 2)
+    observations = ObservationStore(engine)
+    assert observations.apply_retention(max_rows=4) == 2
+    assert [o.request_id for o in observations.observations("clf")[0]] == [
+        "c2",
+        "c3",
+        "c4",
+        "c5",
+    ]
+    assert observations.get("clf", "c1") is None
+    got = observations.get("clf", "c4")
+    assert got is not None and got.label == 2
+    assert _count(engine, store.observation_ids) == 4 and _count(engine, store.feedback) == 1

@@ -15,7 +15,14 @@ from torchops.packaging import decode_arrays
 from torchops.registry import Registry
 from torchops.registry import store as registry_store
 
-TABLES = {"observations", "feedback", "snapshots", "alert_rules", "alert_events"}
+TABLES = {
+    "observation_batches",
+    "observation_ids",
+    "feedback",
+    "snapshots",
+    "alert_rules",
+    "alert_events",
+}
 
 
 def _schema_version(engine: Engine) -> str | None:
@@ -32,8 +39,12 @@ def test_tables_are_created_beside_the_registrys_once(engine: Engine) -> None:
     store.ensure_tables(engine)
     names = set(inspect(engine).get_table_names())
     assert names >= TABLES | {"models", "versions", "meta"}
-    indexes = {i["name"] for i in inspect(engine).get_indexes("observations")}
-    assert {"ix_observations_model_version_id", "ix_observations_at"} <= indexes
+    indexes = {i["name"] for i in inspect(engine).get_indexes("observation_batches")}
+    assert {
+        "ix_observation_batches_model_version_id",
+        "ix_observation_batches_model_prefix_hi",
+        "ix_observation_batches_last_at",
+    } <= indexes
     assert _schema_version(engine) == str(store.SCHEMA_VERSION)
 
 

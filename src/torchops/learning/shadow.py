@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import func, select
 
 from torchops.learning._rows import predictions, row_inputs, targets
-from torchops.monitoring import store as monitoring_store
 from torchops.monitoring.observations import Observation, ObservationStore
 from torchops.runtime import Runtime
 from torchops.types import Signature
@@ -69,10 +67,7 @@ class ShadowScorer:
 
     def start_at_latest(self) -> None:
         """Shadow only traffic from now on (not the stored history)."""
-        o = monitoring_store.observations
-        with self.store.engine.connect() as conn:
-            latest = conn.execute(select(func.max(o.c.id)).where(o.c.model == self.model))
-            self.cursor = int(latest.scalar() or 0)
+        self.cursor = self.store.latest_cursor(self.model)
 
     def resume(self, version: int, metrics: Mapping[str, float]) -> None:
         """Continue the stats of ``version`` from the metrics stored on it."""

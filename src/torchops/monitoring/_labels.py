@@ -12,18 +12,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from torchops.errors import Conflict, InvalidInput, NotFound, TorchopsError
-from torchops.monitoring import store
 from torchops.monitoring.feedback import FeedbackResult, FeedbackStore, normalize_target
 from torchops.monitoring.observations import ObservationWriter
 from torchops.types import Signature
 
 __all__ = ["Labeller"]
-
-#: request ids looked up per query (well under SQLite's limit on parameters)
-_LOOKUP_CHUNK = 500
 
 
 class Labeller:
@@ -129,16 +125,9 @@ class Labeller:
 
     def versions(self, model: str, request_ids: Sequence[str]) -> dict[str, int]:
         """``request id -> version`` of the given predictions that are buffered or stored."""
-        pending = self.writer.pending_versions(model)
-        found = {rid: pending[rid] for rid in request_ids if rid in pending}
-        missing = sorted({rid for rid in request_ids if rid not in found})
-        o = store.observations
-        with self.engine.connect() as conn:
-            for start in range(0, len(missing), _LOOKUP_CHUNK):
-                query = select(o.c.request_id, o.c.version).where(
-                    o.c.model == model, o.c.request_id.in_(missing[start : start + _LOOKUP_CHUNK])
-                )
-                found.update({rid: version for rid, version in conn.execute(query)})
+        found = self.writer.pending_versions(model, request_ids)
+        missing = {rid for rid in request_ids if rid not in found}
+        found.update(self.feedback.observations.versions(model, missing))
         return found
 
     def _known(self, model: str, request_ids: Sequence[str]) -> set[str]:

@@ -18,7 +18,6 @@ Not thread-safe: the monitor holds its lock.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from torchops.errors import TorchopsError
+from torchops.monitoring._batches import Batch, Observation
 from torchops.monitoring.drift import DriftConfig, DriftReport, DriftWindow
 from torchops.monitoring.features import extract
-from torchops.monitoring.observations import Observation
 from torchops.monitoring.profiles import Profile
 from torchops.monitoring.quality import ClassificationQuality, RegressionQuality, make_quality
 from torchops.types import Array, Signature
@@ -106,7 +105,8 @@ class LiveVersion:
         self._report: DriftReport | None = None
         #: drift windows filled so far
         self.filled = 0
-        self._recent: deque[Observation] = deque(maxlen=HISTOGRAM_ROWS)
+        self._recent: deque[tuple[Array | None, Array | None, int]] = deque()
+        self._recent_rows = 0
         #: set when new rows arrived since the monitor last published this version
         self.changed = False
         self.drift_changed = False
@@ -228,19 +228,38 @@ class LiveVersion:
 
     # -- drift and histograms ------------------------------------------------------------
 
-    def add_written(self, observations: Sequence[Observation]) -> None:
+    def add_written(self, batches: Sequence[Batch]) -> None:
         """Add newly written observations to the drift window and the histogram buffers."""
-        if not observations:
-            return
-        self._recent.extend(observations[-HISTOGRAM_ROWS:])
+        for batch in batches:
+            if batch.version == self.version and batch.rows:
+                self._add_batch(batch)
+
+    def _add_batch(self, batch: Batch) -> None:
+        self._remember_arrays(batch)
         if self.drift is None:
             return
-        start = 0
-        while start < len(observations):
+        predictions = batch.prediction_numbers()
+        matrix: Array | None = None
+        keep = batch.input_rows
+        if batch.inputs is not None:
+            try:
+                matrix = extract(self.signature, batch.inputs)
+            except (TorchopsError, ValueError) as exc:
+                self._warn("drift", f"{self.model} v{self.version}: drift skipped inputs: {exc}")
+        start, n = 0, batch.rows
+        while start < n:
             window = self.drift
-            part = observations[start : start + self.drift_window - window.rows]
-            self._drift_add(window, part)
-            start += len(part)
+            end = start + min(n - start, self.drift_window - window.rows)
+            part: Array | None = None
+            part_keep: Array | None = None
+            if matrix is not None:
+                if keep is None:
+                    part = matrix[start:end]
+                else:
+                    chosen = (keep >= start) & (keep < end)
+                    part, part_keep = matrix[chosen], keep[chosen] - start
+            window.add(part, part_keep, predictions[start:end], end - start)
+            start = end
             if window.rows >= self.drift_window:
                 spare = self.full or _RawWindow(self.drift_window, window.features.shape[1])
                 spare.rows = 0
@@ -248,6 +267,24 @@ class LiveVersion:
                 self._report = None
                 self.filled += 1
                 self.drift_changed = True
+
+    def _remember_arrays(self, batch: Batch) -> None:
+        """Keep the newest ``HISTOGRAM_ROWS`` rows of inputs and first outputs."""
+        first = self.signature.outputs[0].name if self.signature.outputs else None
+        output = batch.outputs.get(first) if first is not None else None
+        inputs = None
+        if batch.inputs is not None:
+            inputs = [np.ravel(a[-HISTOGRAM_ROWS:]) for a in batch.inputs.values()]
+        self._recent.append(
+            (
+                np.concatenate(inputs) if inputs else None,
+                None if output is None else np.ravel(output[-HISTOGRAM_ROWS:]),
+                min(batch.rows, HISTOGRAM_ROWS),
+            )
+        )
+        self._recent_rows += self._recent[-1][2]
+        while self._recent_rows - self._recent[0][2] >= HISTOGRAM_ROWS:
+            self._recent_rows -= self._recent.popleft()[2]
 
     def drift_report(self) -> DriftReport | None:
         """The last full window's report, else the partial window's (None without a profile)."""
@@ -259,31 +296,14 @@ class LiveVersion:
             self._report = self.full.score(self.profile, self.drift_config)
         return self._report
 
-    def _drift_add(self, window: _RawWindow, observations: Sequence[Observation]) -> None:
-        names = self.signature.input_names
-        n = len(observations)
-        matrix: Array | None = None
-        keep: list[int] | None = None
-        given = [o.inputs for o in observations if _has(o, names)]
-        if len(given) < n:  # some inputs were not sampled
-            keep = [i for i, o in enumerate(observations) if _has(o, names)]
-        try:
-            if given:
-                inputs = {k: np.concatenate([g[k] for g in given if g]) for k in names}
-                matrix = extract(self.signature, inputs)
-        except (TorchopsError, ValueError) as exc:
-            self._warn("drift", f"{self.model} v{self.version}: drift skipped inputs: {exc}")
-            matrix = keep = None
-        window.add(matrix, keep, _predictions(observations), n)
-
     def take_histograms(self) -> tuple[Array | None, Array | None]:
-        """The input and output values of the last ``HISTOGRAM_ROWS`` observations written
-        since the last call (flattened)."""
+        """The input and output values of about the last ``HISTOGRAM_ROWS`` observations
+        written since the last call (flattened)."""
         recent = list(self._recent)
         self._recent.clear()
-        inputs = [np.ravel(a) for o in recent if o.inputs for a in o.inputs.values()]
-        first = self.signature.outputs[0].name if self.signature.outputs else None
-        outputs = [np.ravel(o.outputs[first]) for o in recent if first in o.outputs]
+        self._recent_rows = 0
+        inputs = [i for i, _, _ in recent if i is not None]
+        outputs = [o for _, o, _ in recent if o is not None]
         return (
             np.concatenate(inputs) if inputs else None,
             np.concatenate(outputs) if outputs else None,
@@ -310,36 +330,6 @@ def _times(observations: Sequence[Observation]) -> Array:
     return np.fromiter((o.at.timestamp() for o in observations), np.float64, len(observations))
 
 
-def _has(obs: Observation, names: tuple[str, ...]) -> bool:
-    inputs = obs.inputs
-    if inputs is None or not names:
-        return False
-    return (len(names) == 1 and names[0] in inputs) or all(n in inputs for n in names)
-
-
-def _predictions(observations: Sequence[Observation]) -> Array:
-    """One number per observation: the class index, or the mean of a regression row
-    (NaN when there is none)."""
-    values = [o.prediction for o in observations]
-    try:
-        array = np.asarray(values, dtype=np.float64)
-        if array.ndim > 1:
-            array = array.reshape(len(values), -1).mean(axis=1)
-        if array.ndim == 1:
-            return array
-    except (TypeError, ValueError):  # missing or ragged predictions
-        pass
-    return np.fromiter((_mean(v) for v in values), np.float64, len(values))
-
-
-def _mean(value: Any) -> float:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return math.nan
-    return float(array.mean()) if array.size else math.nan
-
-
 class _RawWindow:
     """One drift window's feature rows and predictions, scored on demand."""
 
@@ -348,7 +338,7 @@ class _RawWindow:
         self.predictions = np.full(size, np.nan)
         self.rows = 0
 
-    def add(self, matrix: Array | None, keep: list[int] | None, predictions: Array, n: int) -> None:
+    def add(self, matrix: Array | None, keep: Array | None, predictions: Array, n: int) -> None:
         """Append ``n`` rows: features (of the rows ``keep``, default all) and predictions."""
         start, end = self.rows, self.rows + n
         block = self.features[start:end]

@@ -89,6 +89,45 @@ class RowRule:
         scale = 1.0 / sum(exps)
         return index, [e * scale for e in exps]
 
+    def classes_many(self, first: Array) -> Array | None:
+        """The class index of every row (as ``predict_many``, without probabilities);
+        None for a model that is not a classifier."""
+        if not self.classifier:
+            return None
+        n = first.shape[0]
+        if first.ndim == 1 or first[0].size == 1:
+            return self.predict_many(first)[0]
+        classes: Array = first.reshape(n, -1).argmax(axis=1)
+        return classes
+
+    def predict_many(self, first: Array) -> tuple[Array | None, Array | None]:
+        """``(classes, proba)`` of every row of the first output at once, by the same rule
+        as ``predict``: int64 class indices and float64 probabilities (None when the rule
+        gives none); ``(None, None)`` when the predictions are the rows themselves."""
+        if not self.classifier:
+            return None, None
+        n = first.shape[0]
+        if first.ndim == 1 or first[0].size == 1:
+            values = first.reshape(n)
+            if not self.binary:
+                return values.astype(np.int64), None
+            p = values.astype(np.float64)
+            outside = (p < 0.0) | (p > 1.0)
+            if outside.any():
+                with np.errstate(over="ignore"):
+                    p = np.where(outside, 1.0 / (1.0 + np.exp(-p)), p)
+            return (p >= 0.5).astype(np.int64), np.stack([1.0 - p, p], axis=1)
+        scores = first.reshape(n, -1).astype(np.float64)
+        classes = scores.argmax(axis=1)
+        already = (
+            (scores >= 0.0).all(axis=1)
+            & (scores <= 1.0).all(axis=1)
+            & (np.abs(scores.sum(axis=1) - 1.0) <= PROBA_TOLERANCE)
+        )
+        exps = np.exp(scores - scores.max(axis=1, keepdims=True))
+        proba = np.where(already[:, None], scores, exps / exps.sum(axis=1, keepdims=True))
+        return classes.astype(np.int64), proba
+
 
 def _classify_numpy(row: Array) -> tuple[int, list[float]]:
     values = row.astype(np.float64)

@@ -133,4 +133,5 @@ def extract(signature: Signature, inputs: Mapping[str, Array]) -> Array:
             )
         rows = array.shape[0]
         blocks.append(_columns(plan, array))
-    return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float64)
+    matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+    return np.ascontiguousarray(matrix, dtype=np.float64)

@@ -14,27 +14,23 @@ made the prediction and stored in a normal form:
 from __future__ import annotations
 
 import numbers
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError
 
 from torchops.errors import Conflict, InvalidInput, NotFound, TorchopsError
 from torchops.monitoring import store
-from torchops.monitoring.observations import ObservationWriter
+from torchops.monitoring.observations import ObservationStore, ObservationWriter
 from torchops.refs import validate_name
-from torchops.registry import store as registry_store
 from torchops.registry.store import utcnow
 from torchops.types import Signature
 
 __all__ = ["FeedbackResult", "FeedbackStore", "normalize_target"]
 
-#: request ids looked up per query in ``add_many`` (well under SQLite's parameter limit)
-_LOOKUP_CHUNK = 500
 #: PostgreSQL advisory lock class taken by feedback writers of one model: ids then commit
 #: in the order they are given, so ``labelled`` cursors never step over a later commit
 _ADVISORY_LOCK = 7260515
@@ -61,9 +57,9 @@ class FeedbackStore:
     def __init__(self, engine: Engine, writer: ObservationWriter | None = None) -> None:
         self.engine = engine
         self.writer = writer
+        self.observations = ObservationStore(engine)
         store.ensure_tables(engine)
-        self._signatures: dict[tuple[str, int], Signature] = {}
-        self._signatures_lock = threading.Lock()
+        self.signatures = store.Signatures(engine)
 
     def add(self, model: str, request_id: str, target: Any, *, source: str = "api") -> None:
         """Record ``target`` for the prediction ``request_id`` of ``model``.
@@ -149,52 +145,23 @@ class FeedbackStore:
     def _versions(self, model: str, request_ids: Sequence[str]) -> dict[str, int]:
         """``request id -> version`` for the predictions that are stored or buffered."""
         wanted = set(request_ids)
-        found = self._stored_versions(model, wanted)
+        found = self.observations.versions(model, wanted)
         missing = wanted - found.keys()
         if missing and self.writer is not None:
-            pending = self.writer.pending_versions(model)
-            found.update({rid: pending[rid] for rid in missing if rid in pending})
+            found.update(self.writer.pending_versions(model, missing))
             missing -= found.keys()
             if missing:
                 # written between the first look and the writer's snapshot
-                found.update(self._stored_versions(model, missing))
-        return found
-
-    def _stored_versions(self, model: str, request_ids: set[str]) -> dict[str, int]:
-        o = store.observations
-        ids = sorted(request_ids)
-        found: dict[str, int] = {}
-        with self.engine.connect() as conn:
-            for start in range(0, len(ids), _LOOKUP_CHUNK):
-                chunk = ids[start : start + _LOOKUP_CHUNK]
-                query = select(o.c.request_id, o.c.version).where(
-                    o.c.model == model, o.c.request_id.in_(chunk)
-                )
-                found.update({rid: version for rid, version in conn.execute(query)})
+                found.update(self.observations.versions(model, missing))
         return found
 
     def _signature(self, model: str, version: int) -> Signature:
-        key = (model, version)
-        with self._signatures_lock:
-            cached = self._signatures.get(key)
-        if cached is not None:
-            return cached
-        models, versions = registry_store.models, registry_store.versions
-        query = (
-            select(versions.c.signature)
-            .join(models, models.c.id == versions.c.model_id)
-            .where(models.c.name == model, versions.c.version == version)
-        )
-        with self.engine.connect() as conn:
-            data = conn.execute(query).scalar()
-        if data is None:
+        signature = self.signatures.get(model, version)
+        if signature is None:
             raise NotFound(
                 f"model {model!r} version {version} is not in the registry (deleted?): "
                 "its feedback cannot be checked"
             )
-        signature = Signature.from_dict(data)
-        with self._signatures_lock:
-            self._signatures[key] = signature  # versions are immutable once ready
         return signature
 
 

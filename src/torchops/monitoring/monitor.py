@@ -1,11 +1,14 @@
 """The server's monitor: predictions in, live quality, drift and alerts out, off the request path.
 
-``Monitor.record`` is all the request path pays: it turns each predicted row into an
-``Observation`` (the prediction rule is in ``torchops.monitoring._record``: argmax and
-class probabilities — the row itself when it already sums to 1, else its softmax — for
-classifiers, the values for regressors) and hands it to the ``ObservationWriter``, a
-deque append. Everything else happens in the monitor's own thread, every
-``poll_interval_s`` (0.5 s):
+All the request path pays is ``Monitor.observer``'s callback, which each batcher calls
+once per batch it answered: it hands the stacked inputs and outputs and the requests' ids
+and start times to the ``ObservationWriter`` (a deque append, no per-row work). The writer's
+thread computes the predictions of a whole stored batch at once (the rule is in
+``torchops.monitoring._record``: argmax and class probabilities — the row itself when it
+already sums to 1, else its softmax — for classifiers, the values for regressors).
+Inputs bigger than ``max_input_values`` per row are kept for a share
+``input_sample_rate`` of the batches. Everything else happens in the monitor's own
+thread, every ``poll_interval_s`` (0.5 s):
 
 - observations the writer has just stored (its ``on_write`` hook) go into a tumbling drift
   window per version against the version's reference profile (the registry's ``profile``
@@ -40,15 +43,16 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from torchops.config import Settings
 from torchops.errors import InvalidInput, NotFound, TorchopsError
+from torchops.monitoring._batches import Batch, Observation, ObservedBatch
 from torchops.monitoring._labels import Labeller
 from torchops.monitoring._live import LiveVersion
 from torchops.monitoring._publish import DRIFT_METRICS, Publisher
@@ -56,7 +60,7 @@ from torchops.monitoring._record import RowRule
 from torchops.monitoring.alerts import AlertStore
 from torchops.monitoring.drift import DriftConfig, DriftReport
 from torchops.monitoring.feedback import FeedbackResult, FeedbackStore
-from torchops.monitoring.observations import Observation, ObservationStore, ObservationWriter
+from torchops.monitoring.observations import ObservationStore, ObservationWriter
 from torchops.monitoring.profiles import Profile
 from torchops.monitoring.sinks import PrometheusSink, TensorBoardSink
 from torchops.monitoring.snapshots import SnapshotStore
@@ -66,7 +70,20 @@ from torchops.types import Array, Signature
 if TYPE_CHECKING:
     from torchops.registry import Registry
 
-__all__ = ["DRIFT_METRICS", "Monitor", "MonitorOptions"]
+__all__ = ["DRIFT_METRICS", "BatchObserver", "Monitor", "MonitorOptions"]
+
+#: what a batcher calls per answered batch: (request ids, rows per request or None,
+#: start times, inputs, outputs); see ``Monitor.observer``
+BatchObserver = Callable[
+    [
+        Sequence[int | str],
+        Sequence[int] | None,
+        Sequence[float],
+        Mapping[str, Array],
+        Mapping[str, Array],
+    ],
+    None,
+]
 
 log = logging.getLogger("torchops.monitoring")
 
@@ -203,7 +220,7 @@ class Monitor:
         self._rules: dict[tuple[str, int], RowRule] = {}
         self._signatures: dict[tuple[str, int], Signature] = {}
         self._watched: set[str] = set()
-        self._written: deque[Sequence[Observation]] = deque()
+        self._written: deque[Sequence[Batch]] = deque()
         self._states: dict[tuple[str, int], LiveVersion] = {}
         self._missing: set[tuple[str, int]] = set()
         self._cursors: dict[str, int] = {}
@@ -263,6 +280,32 @@ class Monitor:
 
     # -- the request path -----------------------------------------------------------------
 
+    def observer(self, model: str, version: int, signature: Signature) -> BatchObserver:
+        """The callback a batcher calls with each batch it answered (its compute thread):
+        ``(request ids, rows per request or None, start times, inputs, outputs)``, the ids
+        being the numbers of server-generated ids (``writer.id_prefix``) or the clients' ids,
+        the start times ``time.monotonic()`` values. It does no per-row work."""
+        rule = self._rule(model, version, signature)
+        put = self.writer.put_batch
+        opts = self.options
+        sample = opts.input_sample_rate < 1.0 and rule.input_values > opts.max_input_values
+        chance = self._random
+
+        def observe(
+            ids: Sequence[int | str],
+            rows: Sequence[int] | None,
+            started: Sequence[float],
+            inputs: Mapping[str, Array],
+            outputs: Mapping[str, Array],
+        ) -> None:
+            kept = None if sample and chance() >= opts.input_sample_rate else inputs
+            put(ObservedBatch(
+                model, version, ids, rows, time.time(), started, time.monotonic(),
+                outputs, kept, rule,
+            ))  # fmt: skip
+
+        return observe
+
     def record(
         self,
         model: str,
@@ -278,36 +321,19 @@ class Monitor:
             rule = self._rules.get((model, version))
             if rule is None:
                 rule = self._rule(model, version, signature)
-            kept: Mapping[str, Array] | None = inputs
             opts = self.options
+            kept: Mapping[str, Array] | None = inputs
             if (
                 opts.input_sample_rate < 1.0
                 and rule.input_values > opts.max_input_values
                 and self._random() >= opts.input_sample_rate
             ):
                 kept = None
-            at = datetime.now(UTC)
             first = outputs.get(rule.output) if rule.output is not None else None
-            put = self.writer.put
-            rows = int(first.shape[0]) if first is not None and first.ndim else 0
-            if first is not None and rows > 1:
-                for i in range(rows):
-                    prediction, proba = rule.predict(first[i])
-                    put(Observation(
-                        f"{request_id}/{i}", model, version, at, latency_s,
-                        {k: v[i : i + 1] for k, v in outputs.items()},
-                        None if kept is None else {k: v[i : i + 1] for k, v in kept.items()},
-                        prediction, proba,
-                    ))  # fmt: skip
-                return
-            prediction, proba = (
-                rule.predict(first[0]) if first is not None and rows else (None, None)
-            )
-            # the request's own arrays, as they are: nothing changes them afterwards
-            out = outputs if isinstance(outputs, dict) else dict(outputs)
-            kept_in = kept if kept is None or isinstance(kept, dict) else dict(kept)
-            put(Observation(
-                request_id, model, version, at, latency_s, out, kept_in, prediction, proba
+            rows = int(first.shape[0]) if first is not None and first.ndim else 1
+            self.writer.put_batch(ObservedBatch(
+                model, version, [request_id], [rows] if rows > 1 else None, time.time(),
+                [0.0], latency_s, dict(outputs), None if kept is None else dict(kept), rule,
             ))  # fmt: skip
         except Exception:
             self._record_errors += 1
@@ -321,8 +347,8 @@ class Monitor:
         self._rules[(model, version)] = rule
         return rule
 
-    def _on_write(self, observations: Sequence[Observation]) -> None:
-        self._written.append(observations)  # from the writer's thread; consumed by refresh
+    def _on_write(self, batches: Sequence[Batch]) -> None:
+        self._written.append(batches)  # from the writer's thread; consumed by refresh
 
     # -- feedback --------------------------------------------------------------------------
 
@@ -393,10 +419,11 @@ class Monitor:
     def refresh(self) -> None:
         """Consume newly written observations (drift) and newly labelled ones (quality)."""
         with self._lock:
-            batches: list[Observation] = []
+            written: dict[tuple[str, int], list[Batch]] = {}
             while self._written:
-                batches.extend(self._written.popleft())
-            for (model, version), group in _grouped(batches).items():
+                for batch in self._written.popleft():
+                    written.setdefault((batch.model, batch.version), []).append(batch)
+            for (model, version), group in written.items():
                 state = self._state(model, version)
                 if state is not None:
                     state.add_written(group)

@@ -1,17 +1,20 @@
 """Observations: every prediction as the monitor sees it, written off the request path.
 
-``ObservationWriter.put`` is what the server calls for each prediction, on its event
-loop: a length check and a deque append, never a lock, an encode or a database call.
-A background thread takes the buffer in batches, encodes arrays (safetensors) and JSON
-values (orjson) itself and writes each batch with one ``executemany`` on the raw DBAPI
-connection: no SQLAlchemy statement or type processing per row. A full buffer drops the
-observation and counts it (``dropped``, ``on_drop``) rather than slowing the request.
+``ObservationWriter.put_batch`` is what the server calls, once per model batch, from the
+batcher's compute thread: the stacked inputs and outputs the model saw and the requests'
+ids and start times, appended to a deque — no per-row work, no encode, no database call.
+A background thread takes the buffer every ``flush_interval_s`` (or sooner once
+``batch_size`` rows wait), groups it by model, version and array layout, and stores each
+group as one row of columns (``torchops.monitoring._batches``): the cost of storing an
+observation is a share of one insert and a copy of its bytes. A full buffer drops the
+observations and counts them (``dropped``, ``on_drop``) rather than slowing requests.
 
-An observation describes one predicted row; ``prediction`` is what quality metrics need
-without decoding arrays (a class index for a classifier, a number or list of numbers for
-a regressor) and ``proba`` the class probabilities when there are any.
+``put`` takes a single ``Observation`` (its ``prediction`` and ``proba`` as given) for
+callers outside the server. Request ids must be unique per model: a client-chosen id
+that is already stored is dropped (the first observation wins) and counted.
 
-``ObservationStore`` reads them back, joined with their feedback, and applies retention.
+``ObservationStore`` (``torchops.monitoring._observation_store``) reads them back,
+joined with their feedback, and applies retention.
 """
 
 from __future__ import annotations
@@ -19,54 +22,39 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Engine, Row, and_, exists, func, or_, select
+import numpy as np
+from sqlalchemy import Connection, Engine, select, text
 
 from torchops.errors import InvalidInput, Unavailable
 from torchops.monitoring import store
-from torchops.packaging import decode_arrays
+from torchops.monitoring._batches import (
+    Batch,
+    Observation,
+    ObservedBatch,
+    Page,
+    check,
+    layout,
+    parse_generated,
+)
+from torchops.monitoring._observation_store import ObservationStore
 from torchops.refs import validate_name
-from torchops.registry.store import utcnow
 from torchops.types import Array
 
-__all__ = ["Observation", "ObservationStore", "ObservationWriter", "Page"]
+__all__ = ["Observation", "ObservationStore", "ObservationWriter", "ObservedBatch", "Page"]
 
 log = logging.getLogger(__name__)
 
-#: rows deleted per transaction by retention, so writers are never locked out for long
-_RETENTION_CHUNK = 2000
-#: the longest request id stored (the column's size)
-_MAX_ID = 256
-#: no observation time seen yet (``None`` is an invalid time that must still be checked)
-_UNSET = object()
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """One prediction: who asked, what came out, (sampled) what went in, and later its label."""
-
-    request_id: str
-    model: str
-    version: int
-    at: datetime
-    latency_s: float
-    outputs: dict[str, Array]
-    inputs: dict[str, Array] | None
-    prediction: Any
-    proba: list[float] | None
-    label: Any = None
-
-
-class Page(NamedTuple):
-    """Observations read from the store and the cursor to pass as ``since_id`` next time."""
-
-    observations: list[Observation]
-    cursor: int
+#: the most rows one stored batch holds (a read cursor counts rows within a batch in 20 bits)
+MAX_STORED_ROWS = 65_536
+#: request ids checked for duplicates per query
+_LOOKUP_CHUNK = 500
+#: distinct from the other advisory lock keys
+_ADVISORY_LOCK = 7260516
 
 
 class _Marker:
@@ -79,11 +67,14 @@ class _Marker:
 
 
 class ObservationWriter:
-    """A bounded buffer of observations and the thread that writes them in batches.
+    """A bounded buffer of observed batches and the thread that stores them.
 
-    ``on_drop(model, count)`` is called for observations that are dropped (buffer full,
-    writer closed, or a batch the database refused); ``on_write(observations)`` from the
-    writer thread after each committed batch, e.g. to feed live drift windows.
+    ``max_buffer`` and ``batch_size`` count rows (predictions). ``id_prefix`` is the prefix
+    of the server's generated request ids (``<prefix>-<n>``): batches name such requests
+    by ``n`` alone. ``on_drop(model, count)`` is called for observations that are dropped
+    (buffer full, writer closed, a duplicate request id, or a batch the database refused);
+    ``on_write(batches)`` from the writer thread after each flush is committed, with the
+    stored ``Batch`` es (e.g. to feed live drift windows).
     """
 
     def __init__(
@@ -91,12 +82,13 @@ class ObservationWriter:
         engine: Engine,
         *,
         max_buffer: int = 100_000,
-        batch_size: int = 500,
+        batch_size: int = 10_000,
         flush_interval_s: float = 0.2,
         input_sample_rate: float = 1.0,
         max_input_values: int = 4096,
+        id_prefix: str | None = None,
         on_drop: Callable[[str, int], None] | None = None,
-        on_write: Callable[[Sequence[Observation]], None] | None = None,
+        on_write: Callable[[Sequence[Batch]], None] | None = None,
         seed: int | None = None,
     ) -> None:
         if max_buffer < 1 or batch_size < 1:
@@ -109,24 +101,26 @@ class ObservationWriter:
             raise InvalidInput(f"input_sample_rate must be in [0, 1], got {input_sample_rate}")
         if max_input_values < 0:
             raise InvalidInput(f"max_input_values must be >= 0, got {max_input_values}")
+        if id_prefix is not None and not 0 < len(id_prefix) <= 64:
+            raise InvalidInput(f"id_prefix must be 1-64 characters, got {id_prefix!r}")
         self.engine = engine
         self.max_buffer = max_buffer
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.input_sample_rate = input_sample_rate
         self.max_input_values = max_input_values
+        self.id_prefix = id_prefix
         self.on_drop = on_drop
         self.on_write = on_write
         self.seed = seed
         store.ensure_tables(engine)
-        self._queue: deque[Observation | _Marker] = deque()
-        # taken by the writer while it moves rows from the queue to ``_inflight`` and when
-        # it clears ``_inflight`` after the commit; ``pending`` reads both under it. ``put``
-        # never takes it.
+        self._queue: deque[ObservedBatch | _Marker] = deque()
+        # guards the row count and the hand-over from the queue to ``_inflight``;
+        # ``pending`` reads both under it
         self._lock = threading.Lock()
-        self._inflight: list[Observation] = []
+        self._buffered = 0
+        self._inflight: list[ObservedBatch] = []
         self._drain_lock = threading.Lock()
-        self._counts_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -135,33 +129,66 @@ class ObservationWriter:
         self._written = 0
         self._rng = random.Random(seed)
         self._encoder = store.ArrayEncoder()
-        self._sqlite = engine.dialect.name == "sqlite"
-        # per-row work the writer skips when a value repeats: model names already checked,
-        # and the last ``at`` converted (every row of one request shares it)
         self._valid_models: set[str] = set()
-        self._last_at: tuple[object, Any] = (_UNSET, None)
-        self._insert_sql = store.raw_insert_ignoring_duplicates(engine.dialect.name)
 
     def __repr__(self) -> str:
         return (
             f"ObservationWriter(max_buffer={self.max_buffer}, batch_size={self.batch_size}, "
             f"flush_interval_s={self.flush_interval_s}, "
-            f"input_sample_rate={self.input_sample_rate})"
+            f"input_sample_rate={self.input_sample_rate}, id_prefix={self.id_prefix!r})"
         )
 
     # -- the hot path ------------------------------------------------------------------
 
-    def put(self, obs: Observation) -> bool:
-        """Buffer ``obs`` for writing; False (and counted as dropped) when the buffer is full."""
-        queue = self._queue
-        size = len(queue)
-        if size >= self.max_buffer or self._closed:
-            self._drop({obs.model: 1})
+    def put_batch(self, batch: ObservedBatch) -> bool:
+        """Buffer ``batch`` for writing; False (and counted as dropped) when it does not fit."""
+        rows = len(batch.request_ids) if batch.rows is None else sum(batch.rows)
+        with self._lock:
+            if self._closed or self._buffered + rows > self.max_buffer:
+                full = True
+            else:
+                full = False
+                self._buffered += rows
+                self._queue.append(batch)
+                wake = self._buffered >= self.batch_size
+        if full:
+            self._drop({batch.model: rows})
             return False
-        queue.append(obs)
-        if size + 1 >= self.batch_size and not self._wake.is_set():
+        if wake and not self._wake.is_set():
             self._wake.set()
         return True
+
+    def put(self, obs: Observation) -> bool:
+        """Buffer one observation (its ``prediction`` and ``proba`` as given)."""
+        try:
+            if not isinstance(obs.at, datetime) or obs.at.tzinfo is None:
+                raise InvalidInput(f"observation time must be timezone-aware, got {obs.at!r}")
+            batch = ObservedBatch(
+                obs.model,
+                int(obs.version),
+                [obs.request_id],
+                None,
+                obs.at.timestamp(),
+                [0.0],
+                float(obs.latency_s),
+                _one_row(obs.outputs) or {},
+                _one_row(self._sampled(dict(obs.inputs))) if obs.inputs else None,
+                predictions=[obs.prediction],
+                probas=[obs.proba],
+            )
+        except Exception as exc:
+            log.warning("dropping observation %r of %s: %s", obs.request_id, obs.model, exc)
+            self._drop({str(obs.model): 1})
+            return False
+        return self.put_batch(batch)
+
+    def _sampled(self, inputs: dict[str, Array] | None) -> dict[str, Array] | None:
+        if inputs is None or self.input_sample_rate >= 1.0:
+            return inputs
+        per_row = sum(int(a.size) for a in inputs.values()) / max(1, _leading(inputs))
+        if per_row > self.max_input_values and self._rng.random() >= self.input_sample_rate:
+            return None
+        return inputs
 
     # -- state -------------------------------------------------------------------------
 
@@ -177,33 +204,86 @@ class ObservationWriter:
 
     @property
     def buffered(self) -> int:
-        """Observations waiting in the buffer (not counting the batch being written)."""
-        return len(self._queue)
+        """Observations waiting in the buffer (not counting those being written)."""
+        return self._buffered
 
     def pending(self, model: str, request_id: str) -> Observation | None:
         """The buffered or in-flight observation ``request_id`` of ``model``, if any."""
-        for obs in self._pending_snapshot():
-            if obs.request_id == request_id and obs.model == model:
-                return obs
+        for batch in self._pending_batches(model):
+            row = self._find(batch, request_id)
+            if row is not None:
+                return Batch.build([batch], self.id_prefix, self._encoder).observation(row)
         return None
 
     def pending_ids(self, model: str) -> set[str]:
         """Request ids of ``model`` buffered or being written but not committed yet."""
-        return {obs.request_id for obs in self._pending_snapshot() if obs.model == model}
+        ids: set[str] = set()
+        for batch in self._pending_batches(model):
+            ids.update(Batch.build([batch], self.id_prefix, self._encoder).row_ids())
+        return ids
 
-    def pending_versions(self, model: str) -> dict[str, int]:
-        """``request id -> version`` of ``model``'s buffered or in-flight observations."""
-        return {
-            obs.request_id: obs.version for obs in self._pending_snapshot() if obs.model == model
-        }
+    def pending_versions(self, model: str, request_ids: Iterable[str]) -> dict[str, int]:
+        """``request id -> version`` of those of ``request_ids`` buffered or in flight."""
+        wanted = set(request_ids)
+        if not wanted:
+            return {}
+        found: dict[str, int] = {}
+        batches = self._pending_batches(model)
+        if not batches:
+            return found
+        numbers: dict[int, list[tuple[str, int]]] = {}
+        names: dict[str, list[tuple[str, int]]] = {}
+        for rid in wanted:
+            part = -1
+            base = rid
+            slash = rid.rfind("/")
+            if slash > 0 and rid[slash + 1 :].isdigit():
+                base, part = rid[:slash], int(rid[slash + 1 :])
+            names.setdefault(base, []).append((rid, part))
+            parsed = parse_generated(rid)
+            if parsed is not None and parsed[0] == self.id_prefix:
+                numbers.setdefault(parsed[1], []).append((rid, parsed[2]))
+        for batch in batches:
+            counts = batch.rows
+            for index, key in enumerate(batch.request_ids):
+                hits = numbers.get(key) if type(key) is int else names.get(key)  # type: ignore[arg-type]
+                if not hits:
+                    continue
+                count = 1 if counts is None else counts[index]
+                for rid, part in hits:
+                    if (part < 0 and count == 1) or (count > 1 and 0 <= part < count):
+                        found.setdefault(rid, batch.version)
+        return found
 
-    def _pending_snapshot(self) -> list[Observation]:
+    def _find(self, batch: ObservedBatch, request_id: str) -> int | None:
+        """The row of ``request_id`` in ``batch``, if it is there."""
+        parsed = parse_generated(request_id)
+        start = 0
+        for index, key in enumerate(batch.request_ids):
+            count = 1 if batch.rows is None else batch.rows[index]
+            for part in range(count) if count > 1 else (-1,):
+                if type(key) is int:
+                    hit = (
+                        parsed is not None
+                        and parsed[0] == self.id_prefix
+                        and parsed[1] == key
+                        and parsed[2] == part
+                    )
+                else:
+                    hit = request_id == (key if part < 0 else f"{key}/{part}")
+                if hit:
+                    return start + max(part, 0)
+            start += count
+        return None
+
+    def _pending_batches(self, model: str) -> list[ObservedBatch]:
         with self._lock:
-            # deque.copy runs in C without releasing the GIL: a consistent snapshot even
-            # while ``put`` appends from another thread
+            # deque.copy runs in C without releasing the GIL: a consistent snapshot
             queued = self._queue.copy()
             inflight = list(self._inflight)
-        return [o for o in queued if isinstance(o, Observation)] + inflight
+        return [
+            b for b in (*queued, *inflight) if isinstance(b, ObservedBatch) and b.model == model
+        ]
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -230,7 +310,8 @@ class ObservationWriter:
 
     def close(self, timeout: float | None = None) -> None:
         """Write what is buffered, stop the thread; later ``put`` calls drop."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
         thread = self._thread
         if thread is not None:
             self._stopping = True
@@ -248,7 +329,7 @@ class ObservationWriter:
             stopping = self._stopping
             try:
                 self._drain()
-            except Exception:  # never let the thread die; the batch was already counted
+            except Exception:  # never let the thread die; the rows were already counted
                 log.exception("observation writer failed")
             if stopping:
                 return
@@ -256,121 +337,150 @@ class ObservationWriter:
     def _drain(self) -> None:
         with self._drain_lock:
             while True:
-                batch, markers = self._take()
-                if not batch and not markers:
+                taken, markers = self._take()
+                if not taken and not markers:
                     return
                 try:
-                    if batch:
-                        self._write(batch)
+                    if taken:
+                        self._write(taken)
                 finally:
                     with self._lock:
                         self._inflight = []
                     for marker in markers:
                         marker.done.set()
 
-    def _take(self) -> tuple[list[Observation], list[_Marker]]:
-        batch: list[Observation] = []
+    def _take(self) -> tuple[list[ObservedBatch], list[_Marker]]:
+        taken: list[ObservedBatch] = []
         markers: list[_Marker] = []
         queue = self._queue
         with self._lock:
-            self._inflight = batch
-            while queue and len(batch) < self.batch_size:
+            self._inflight = taken
+            while queue:
                 item = queue.popleft()
                 if isinstance(item, _Marker):
                     markers.append(item)
                     break  # what came before the marker is written before it is set
-                batch.append(item)
-        return batch, markers
+                taken.append(item)
+                self._buffered -= item.size
+        return taken, markers
 
-    def _write(self, batch: list[Observation]) -> None:
-        rows: list[tuple[Any, ...]] = []
-        kept: list[Observation] = []
-        failed: Counter[str] = Counter()
-        for obs in batch:
+    def _write(self, taken: list[ObservedBatch]) -> None:
+        kept: list[Batch] = []
+        for group in self._groups(taken):
+            model, rows = group[0].model, _rows(group)
             try:
-                rows.append(self._row(obs))
-                kept.append(obs)
-            except Exception as exc:
-                log.warning("dropping observation %r of %s: %s", obs.request_id, obs.model, exc)
-                failed[obs.model] += 1
-        if failed:
-            self._drop(failed)
-        if not rows:
-            return
-        try:
-            inserted = self._insert(rows)
-        except Exception:
-            log.exception("could not write %d observations; dropping them", len(rows))
-            self._drop(Counter(obs.model for obs in kept))
-            return
-        if inserted is not None:
-            # a request id already stored for the model: the first observation wins
-            duplicates = [o for o, new in zip(kept, inserted, strict=True) if not new]
-            log.warning(
-                "dropping %d observations whose request id was already stored (e.g. %r)",
-                len(duplicates),
-                duplicates[0].request_id,
-            )
-            self._drop(Counter(o.model for o in duplicates))
-            kept = [o for o, new in zip(kept, inserted, strict=True) if new]
-        with self._counts_lock:
-            self._written += len(kept)
+                batch = Batch.build(group, self.id_prefix, self._encoder)
+                values = batch.encode(self._encoder)
+            except Exception as exc:  # e.g. arrays safetensors cannot hold: these alone
+                log.warning("dropping %d observations of %s: %s", rows, model, exc)
+                self._drop({model: rows})
+                continue
+            try:  # one transaction per stored batch: a refused one loses only its rows
+                with store.writer(self.engine).begin() as conn:
+                    batch = self._store(conn, batch, values)
+            except Exception:
+                log.exception("could not write %d observations of %s; dropping them", rows, model)
+                self._drop({model: batch.rows})
+                continue
+            if batch.rows:
+                kept.append(batch)
+        self._written += sum(b.rows for b in kept)
         if self.on_write is not None and kept:
             try:
                 self.on_write(kept)
             except Exception:
                 log.exception("on_write callback failed")
 
-    def _insert(self, rows: list[tuple[Any, ...]]) -> list[bool] | None:
-        """Insert ``rows``, skipping stored request ids: None if all went in, else which."""
-        return store.execute_many_ignoring_duplicates(self.engine, self._insert_sql, rows)
+    def _groups(self, taken: list[ObservedBatch]) -> list[list[ObservedBatch]]:
+        """``taken`` grouped by what can be stacked, each group at most MAX_STORED_ROWS."""
+        groups: dict[tuple[Any, ...], list[list[ObservedBatch]]] = {}
+        sizes: dict[tuple[Any, ...], int] = {}
+        for batch in taken:
+            try:
+                self._check(batch)
+                key = (
+                    batch.model,
+                    batch.version,
+                    layout(batch.outputs),
+                    None if batch.inputs is None else layout(batch.inputs),
+                    batch.rule is None,
+                    id(batch.rule),
+                )
+            except Exception as exc:
+                log.warning("dropping observations of %r: %s", batch.model, exc)
+                self._drop({str(batch.model): batch.size})
+                continue
+            chunks = groups.setdefault(key, [[]])
+            if chunks[-1] and sizes[key] + batch.size > MAX_STORED_ROWS:
+                chunks.append([])
+                sizes[key] = 0
+            chunks[-1].append(batch)
+            sizes[key] = sizes.get(key, 0) + batch.size
+        return [chunk for chunks in groups.values() for chunk in chunks]
 
-    def _row(self, obs: Observation) -> tuple[Any, ...]:
-        """``obs`` as the insert's parameters, in ``store.RAW_INSERT_COLUMNS`` order."""
-        # checked here, off the request path, so one bad observation cannot sink its batch
-        model = obs.model
-        if type(model) is not str or model not in self._valid_models:
-            validate_name(model)
+    def _check(self, batch: ObservedBatch) -> None:
+        # checked here, off the request path, so one bad batch cannot sink the others
+        if type(batch.model) is not str or batch.model not in self._valid_models:
+            validate_name(batch.model)
             if len(self._valid_models) >= 1024:
                 self._valid_models.clear()
-            self._valid_models.add(model)
-        if not isinstance(obs.request_id, str) or not 0 < len(obs.request_id) <= _MAX_ID:
-            raise InvalidInput(f"request id must be 1-{_MAX_ID} characters: {obs.request_id!r}")
-        last_at, at = self._last_at
-        if obs.at is not last_at:
-            if not isinstance(obs.at, datetime) or obs.at.tzinfo is None:
-                raise InvalidInput(f"observation time must be timezone-aware, got {obs.at!r}")
-            utc = obs.at.astimezone(UTC)
-            # SQLite: naive UTC text laid out as SQLAlchemy's DateTime stores and compares it
-            at = utc.replace(tzinfo=None).isoformat(" ", "microseconds") if self._sqlite else utc
-            self._last_at = (obs.at, at)
-        return (
-            model,
-            int(obs.version),
-            obs.request_id,
-            at,
-            float(obs.latency_s),
-            self._encoder.encode(obs.outputs),
-            self._sampled_inputs(obs.inputs),
-            store.json_text(obs.prediction),
-            store.json_text(obs.proba),
-        )
+            self._valid_models.add(batch.model)
+        check(batch)
+        if self.id_prefix is None and any(type(i) is int for i in batch.request_ids):
+            raise InvalidInput("generated request numbers need a writer with an id_prefix")
 
-    def _sampled_inputs(self, inputs: dict[str, Array] | None) -> bytes | None:
-        if not inputs:
-            return None
-        if self.input_sample_rate < 1.0:
-            values = sum(int(getattr(a, "size", 1)) for a in inputs.values())
-            shape: tuple[int, ...] = tuple(getattr(next(iter(inputs.values())), "shape", ()))
-            rows = shape[0] if shape and shape[0] > 0 else 1
-            if values / rows > self.max_input_values and self._rng.random() >= (
-                self.input_sample_rate
-            ):
-                return None
-        return self._encoder.encode(inputs)
+    def _store(self, conn: Connection, batch: Batch, values: dict[str, Any]) -> Batch:
+        """Insert ``batch`` (without rows whose client-chosen id is already stored)."""
+        custom_rows = np.flatnonzero(batch.numbers < 0)
+        ids: list[str] = []
+        if custom_rows.size:
+            if conn.dialect.name == "postgresql":  # workers writing the same model wait
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key, hashtext(:model))"),
+                    {"key": _ADVISORY_LOCK, "model": batch.model},
+                )
+            ids = [batch.row_id(int(r)) for r in custom_rows]
+            taken = self._stored_ids(conn, batch.model, ids)
+            keep = np.ones(batch.rows, dtype=bool)
+            seen: set[str] = set()
+            for row, rid in zip(custom_rows.tolist(), ids, strict=True):
+                if rid in taken or rid in seen:
+                    keep[row] = False
+                seen.add(rid)
+            if not keep.all():
+                lost = int((~keep).sum())
+                log.warning(
+                    "dropping %d observations of %s whose request id was already stored",
+                    lost,
+                    batch.model,
+                )
+                self._drop({batch.model: lost})
+                batch = batch.keep(keep)
+                values = batch.encode(self._encoder)
+                custom_rows = np.flatnonzero(batch.numbers < 0)
+                ids = [batch.row_id(int(r)) for r in custom_rows]
+        if not batch.rows:
+            return batch
+        insert = store.observation_batches.insert().returning(store.observation_batches.c.id)
+        batch.id = int(conn.execute(insert, values).scalar_one())
+        if ids:
+            conn.execute(store.observation_ids.insert(), batch.key_rows())
+        return batch
+
+    def _stored_ids(self, conn: Connection, model: str, ids: list[str]) -> set[str]:
+        keys = store.observation_ids
+        found: set[str] = set()
+        unique = sorted(set(ids))
+        for start in range(0, len(unique), _LOOKUP_CHUNK):
+            chunk = unique[start : start + _LOOKUP_CHUNK]
+            query = select(keys.c.request_id).where(
+                keys.c.model == model, keys.c.request_id.in_(chunk)
+            )
+            found.update(conn.execute(query).scalars())
+        return found
 
     def _drop(self, counts: dict[str, int]) -> None:
-        with self._counts_lock:
+        with self._lock:
             self._dropped += sum(counts.values())
         if self.on_drop is not None:
             for model, count in counts.items():
@@ -380,187 +490,22 @@ class ObservationWriter:
                     log.exception("on_drop callback failed")
 
 
-class ObservationStore:
-    """Reads stored observations (joined with their feedback) and applies retention.
-
-    ``join_grace_s``: feedback younger than this whose observation is not stored yet
-    (it was still in a writer's buffer) holds the ``labelled`` cursor so it is not skipped;
-    older unjoined feedback (its observation was dropped) no longer does.
-    """
-
-    def __init__(self, engine: Engine, *, join_grace_s: float = 60.0) -> None:
-        self.engine = engine
-        self.join_grace_s = join_grace_s
-        store.ensure_tables(engine)
-
-    def get(self, model: str, request_id: str) -> Observation | None:
-        """The observation ``request_id`` of ``model`` with its label, or None."""
-        o, f = store.observations, store.feedback
-        query = (
-            select(*o.c, f.c.target)
-            .select_from(o.outerjoin(f, _joined()))
-            .where(o.c.model == validate_name(model), o.c.request_id == request_id)
-        )
-        with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        return None if row is None else _observation(row, row.target, arrays=True)
-
-    def observations(
-        self,
-        model: str,
-        version: int | None = None,
-        *,
-        since: datetime | None = None,
-        since_id: int = 0,
-        limit: int | None = None,
-        arrays: bool = True,
-    ) -> Page:
-        """Observations of ``model`` in the order they were written, labelled or not.
-
-        ``since``: only those made at or after that time; ``since_id``: a previous page's
-        cursor; ``arrays=False`` skips decoding inputs and outputs (``outputs`` is then
-        empty), which is all quality metrics need.
-        """
-        o, f = store.observations, store.feedback
-        columns = [c for c in o.c if arrays or c.name not in ("inputs", "outputs")]
-        query = (
-            select(*columns, f.c.target)
-            .select_from(o.outerjoin(f, _joined()))
-            .where(o.c.model == validate_name(model), o.c.id > since_id)
-        )
-        if version is not None:
-            query = query.where(o.c.version == version)
-        if since is not None:
-            query = query.where(o.c.at >= since)
-        query = query.order_by(o.c.id).limit(_limit(limit))
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        result = [_observation(row, row.target, arrays=arrays) for row in rows]
-        return Page(result, rows[-1].id if rows else since_id)
-
-    def labelled(
-        self,
-        model: str,
-        version: int | None = None,
-        *,
-        since_id: int = 0,
-        limit: int | None = None,
-        arrays: bool = True,
-    ) -> Page:
-        """Observations that have feedback, in the order the feedback arrived.
-
-        Pass the returned cursor as ``since_id`` to read only what arrived since; feedback
-        whose observation is still being written is returned on a later call, not skipped.
-        """
-        o, f = store.observations, store.feedback
-        columns = [c for c in o.c if arrays or c.name not in ("inputs", "outputs")]
-        query = (
-            select(*columns, f.c.id.label("feedback_id"), f.c.target, f.c.at.label("given_at"))
-            .select_from(f.outerjoin(o, _joined()))
-            .where(f.c.model == validate_name(model), f.c.id > since_id)
-        )
-        if version is not None:
-            query = query.where(or_(o.c.version == version, o.c.id.is_(None)))
-        query = query.order_by(f.c.id).limit(_limit(limit))
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        recent = utcnow() - timedelta(seconds=self.join_grace_s)
-        result: list[Observation] = []
-        cursor = since_id
-        for row in rows:
-            if row.id is None:  # its observation is not stored (yet)
-                if row.given_at > recent:
-                    break
-            else:
-                result.append(_observation(row, row.target, arrays=arrays))
-            cursor = row.feedback_id
-        return Page(result, cursor)
-
-    def count(self, model: str, version: int | None = None, *, labelled: bool = False) -> int:
-        """How many observations of ``model`` are stored (only those with feedback)."""
-        o = store.observations
-        query = select(func.count()).select_from(o).where(o.c.model == validate_name(model))
-        if labelled:
-            query = query.where(exists().where(_joined()))
-        if version is not None:
-            query = query.where(o.c.version == version)
-        with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
-
-    def apply_retention(self, max_age: timedelta | None = None, max_rows: int | None = None) -> int:
-        """Delete observations older than ``max_age`` and all but the newest ``max_rows``
-        of each model, with their feedback; returns how many observations were deleted."""
-        o = store.observations
-        deleted = 0
-        if max_age is not None:
-            if not isinstance(max_age, timedelta) or max_age <= timedelta(0):
-                raise InvalidInput(f"max_age must be a positive timedelta, got {max_age!r}")
-            deleted += self._delete_where(o.c.at < utcnow() - max_age)
-        if max_rows is not None:
-            if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
-                raise InvalidInput(f"max_rows must be an integer >= 0, got {max_rows!r}")
-            with self.engine.connect() as conn:
-                models = list(conn.execute(select(o.c.model).distinct()).scalars())
-            for model in models:
-                with self.engine.connect() as conn:
-                    newest_dropped = conn.execute(
-                        select(o.c.id)
-                        .where(o.c.model == model)
-                        .order_by(o.c.id.desc())
-                        .offset(max_rows)
-                        .limit(1)
-                    ).scalar()
-                if newest_dropped is not None:
-                    deleted += self._delete_where(
-                        and_(o.c.model == model, o.c.id <= newest_dropped)
-                    )
-        return deleted
-
-    def _delete_where(self, condition: Any) -> int:
-        o, f = store.observations, store.feedback
-        total = 0
-        while True:
-            with store.writer(self.engine).begin() as conn:
-                ids = list(
-                    conn.execute(
-                        select(o.c.id).where(condition).order_by(o.c.id).limit(_RETENTION_CHUNK)
-                    ).scalars()
-                )
-                if not ids:
-                    return total
-                conn.execute(f.delete().where(exists().where(_joined(), o.c.id.in_(ids))))
-                conn.execute(o.delete().where(o.c.id.in_(ids)))
-            total += len(ids)
+def _rows(batches: Sequence[ObservedBatch]) -> int:
+    return sum(b.size for b in batches)
 
 
-def _joined() -> Any:
-    o, f = store.observations, store.feedback
-    return and_(o.c.model == f.c.model, o.c.request_id == f.c.request_id)
+def _leading(arrays: dict[str, Array]) -> int:
+    """Rows of the first array (1 for a scalar)."""
+    first = next(iter(arrays.values()))
+    return int(first.shape[0]) if first.ndim else 1
 
 
-def _limit(limit: int | None) -> int | None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
-    return limit
-
-
-def _observation(row: Row[Any, *tuple[Any, ...]], label: Any, *, arrays: bool) -> Observation:
-    mapping = row._mapping
-    outputs: dict[str, Array] = {}
-    inputs: dict[str, Array] | None = None
-    if arrays:
-        outputs = decode_arrays(mapping["outputs"])
-        raw = mapping["inputs"]
-        inputs = decode_arrays(raw) if raw is not None else None
-    return Observation(
-        request_id=mapping["request_id"],
-        model=mapping["model"],
-        version=mapping["version"],
-        at=mapping["at"],
-        latency_s=mapping["latency_s"],
-        outputs=outputs,
-        inputs=inputs,
-        prediction=mapping["prediction"],
-        proba=mapping["proba"],
-        label=label,
-    )
+def _one_row(arrays: dict[str, Array] | None) -> dict[str, Array] | None:
+    """One observation's arrays with a leading row dimension of 1."""
+    if arrays is None:
+        return None
+    result: dict[str, Array] = {}
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        result[name] = array if array.ndim and array.shape[0] == 1 else array[None]
+    return result

@@ -25,10 +25,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from torchops.errors import InvalidInput, TorchopsError
-from torchops.monitoring import store
+from torchops.monitoring._batches import Batch
 from torchops.monitoring.alerts import AlertEvent, AlertRule, AlertStore
 from torchops.monitoring.drift import DriftConfig, DriftReport, DriftWindow
 from torchops.monitoring.features import extract
@@ -396,18 +396,13 @@ def _drift(
             "this version has no reference profile: register it with a reference sample "
             "of training inputs to monitor drift"
         )
-    o = store.observations
-    base = select(o.c.inputs, o.c.prediction).where(o.c.model == model, o.c.version == version)
-    with engine.connect() as conn:
-        sampled = conn.execute(
-            base.where(o.c.inputs.is_not(None)).order_by(o.c.id.desc()).limit(rows)
-        ).all()
-        recent = conn.execute(base.order_by(o.c.id.desc()).limit(rows)).all()
+    batches = ObservationStore(engine).tail(model, version, rows)
+    recent = sum(batch.rows for batch in batches)
     window = DriftWindow(profile, max_rows=rows)
-    matrix = _features(signature, [row.inputs for row in reversed(sampled)])
+    sampled, matrix = _features(signature, batches, rows)
     if matrix is not None:
         window.add(matrix)
-    predictions = _predictions(profile, [row.prediction for row in reversed(recent)])
+    predictions = _predictions(profile, batches, rows)
     if predictions is not None:
         # predictions that do not fit the profile's distribution: no prediction drift
         with contextlib.suppress(InvalidInput, ValueError):
@@ -426,38 +421,33 @@ def _drift(
     return report, None
 
 
-def _features(signature: Signature, blobs: Sequence[bytes]) -> Array | None:
-    """The feature matrix of the stored inputs that fit the signature."""
-    from torchops.packaging import decode_arrays
-
+def _features(
+    signature: Signature, batches: Sequence[Batch], rows: int
+) -> tuple[int, Array | None]:
+    """How many of the stored rows have inputs, and the feature matrix of the newest
+    ``rows`` of them that fit the signature."""
+    sampled = 0
     parts: list[Array] = []
-    for blob in blobs:
+    for batch in batches:
+        if batch.inputs is None:
+            continue
+        sampled += len(next(iter(batch.inputs.values()), ()))
         try:
-            arrays = decode_arrays(blob)
-            inputs = {s.name: _batched(arrays[s.name], len(s.shape)) for s in signature.inputs}
-            parts.append(extract(signature, inputs))
-        except (TorchopsError, KeyError, ValueError):
+            parts.append(extract(signature, batch.inputs))
+        except (TorchopsError, ValueError):
             continue  # inputs of another shape (a changed signature?) are left out
     if not parts:
+        return sampled, None
+    return sampled, np.concatenate(parts, axis=0)[-rows:]
+
+
+def _predictions(profile: Profile, batches: Sequence[Batch], rows: int) -> Array | None:
+    """The newest ``rows`` predictions as one number each (the class, or the row's mean)."""
+    if profile.prediction is None or not batches:
         return None
-    return np.concatenate(parts, axis=0)
-
-
-def _batched(array: Array, rank: int) -> Array:
-    return array[np.newaxis] if array.ndim == rank - 1 else array
-
-
-def _predictions(profile: Profile, values: Sequence[Any]) -> Array | None:
-    kept = [v for v in values if v is not None]
-    if not kept or profile.prediction is None:
-        return None
-    try:
-        if profile.task == "classification":
-            classes = [v for v in kept if isinstance(v, int) and not isinstance(v, bool)]
-            return np.asarray(classes, dtype=np.int64) if classes else None
-        return np.asarray(kept, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None  # rows of different widths
+    values = np.concatenate([b.prediction_numbers() for b in batches])[-rows:]
+    values = values[~np.isnan(values)]
+    return values if values.size else None
 
 
 # -- JSON -------------------------------------------------------------------------------

@@ -5,8 +5,14 @@ They live on their own ``MetaData`` beside the registry's tables, on the same en
 safe when two processes start at once (SQLite serialises on ``BEGIN IMMEDIATE``; PostgreSQL
 takes a transaction-scoped advisory lock).
 
+Observations are stored as batches, one row per batch of predictions a writer flushed
+(``observation_batches``: per-row columns as arrays, see ``torchops.monitoring._batches``);
+``observation_ids`` indexes the request ids clients chose, while server-generated ids
+(``<prefix>-<n>``) are found through each batch's ``id_prefix``/``id_lo``/``id_hi`` range.
 Feedback has its own table and is joined to observations by ``(model, request_id)`` on
 read, so a label that arrives before its observation is written joins once it is.
+Schema version 2 replaced version 1's row-per-observation ``observations`` table, which
+is left in place but no longer read.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import math
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,32 +46,31 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
-from torchops.errors import Conflict, InvalidInput
+from torchops.errors import Conflict
 from torchops.registry import store as registry_store
 from torchops.registry.store import Json, UTCDateTime
-from torchops.types import Array
+from torchops.types import Array, Signature
 
 __all__ = [
-    "RAW_INSERT_COLUMNS",
     "SCHEMA_VERSION",
     "ArrayEncoder",
+    "Signatures",
     "alert_events",
     "alert_rules",
     "ensure_tables",
-    "execute_many_ignoring_duplicates",
     "feedback",
     "insert_ignoring_duplicates",
     "json_text",
     "jsonable",
     "metadata",
-    "observations",
-    "raw_insert_ignoring_duplicates",
+    "observation_batches",
+    "observation_ids",
     "snapshots",
     "writer",
 ]
 
 #: layout of the monitoring tables, recorded in the registry's ``meta`` table
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA_KEY = "monitoring_schema_version"
 #: distinct from the registry's own advisory lock key
 _ADVISORY_LOCK = 7260514
@@ -77,22 +82,40 @@ RequestId = String(256)
 
 metadata = MetaData()
 
-observations = Table(
-    "observations",
+observation_batches = Table(
+    "observation_batches",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("model", Name, nullable=False),
     Column("version", Integer, nullable=False),
-    Column("request_id", RequestId, nullable=False),
-    Column("at", UTCDateTime, nullable=False),
-    Column("latency_s", Float, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("first_at", UTCDateTime, nullable=False),
+    Column("last_at", UTCDateTime, nullable=False),
+    # server-generated request ids are "<id_prefix>-<n>": the batch holds n in id_lo..id_hi
+    Column("id_prefix", String(64)),
+    Column("id_lo", BigInteger),
+    Column("id_hi", BigInteger),
+    Column("ids", LargeBinary, nullable=False),
+    Column("custom_ids", Text),
+    Column("columns", LargeBinary, nullable=False),
+    Column("predictions", Text),
+    Column("probas", Text),
     Column("outputs", LargeBinary, nullable=False),
     Column("inputs", LargeBinary),
-    Column("prediction", Json),
-    Column("proba", Json),
-    UniqueConstraint("model", "request_id", name="uq_observations_model_request"),
-    Index("ix_observations_model_version_id", "model", "version", "id"),
-    Index("ix_observations_at", "at"),
+    Index("ix_observation_batches_model_version_id", "model", "version", "id"),
+    Index("ix_observation_batches_model_prefix_hi", "model", "id_prefix", "id_hi"),
+    Index("ix_observation_batches_last_at", "last_at"),
+)
+
+observation_ids = Table(
+    "observation_ids",
+    metadata,
+    Column("model", Name, primary_key=True),
+    Column("request_id", RequestId, primary_key=True),
+    Column("batch_id", Id, nullable=False),
+    Column("row", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Index("ix_observation_ids_batch", "batch_id"),
 )
 
 feedback = Table(
@@ -232,6 +255,34 @@ class ArrayEncoder:
         # tobytes() is C order whatever the array's memory layout
         return header + b"".join([a.tobytes() for a in arrays.values()])
 
+    def stack(self, parts: Sequence[Mapping[str, Array]]) -> tuple[bytearray, dict[str, Array]]:
+        """``parts`` (arrays with the same names, dtypes and row shapes) stacked along dim 0
+        straight into safetensors bytes, and the stacked arrays as views of those bytes:
+        one allocation and one copy, however many parts. ``ValueError`` for layouts
+        safetensors cannot hold."""
+        first = parts[0]
+        layout = tuple(
+            [
+                (name, a.dtype, (sum(p[name].shape[0] for p in parts), *a.shape[1:]))
+                for name, a in first.items()
+            ]
+        )
+        header = _safetensors_header(layout)
+        if header is None:
+            raise ValueError("these arrays have no safetensors layout")
+        sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in layout]
+        buffer = bytearray(len(header) + sum(sizes))
+        buffer[: len(header)] = header
+        offset = len(header)
+        arrays: dict[str, Array] = {}
+        for (name, dtype, shape), size in zip(layout, sizes, strict=True):
+            view = np.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset)
+            view = view.reshape(shape)
+            np.concatenate([p[name] for p in parts], out=view)
+            arrays[name] = view
+            offset += size
+        return buffer, arrays
+
 
 def _encode_arrays(arrays: Mapping[str, Array]) -> bytes:
     # imported here: torchops.packaging loads torch, which readers of alerts do not need
@@ -262,82 +313,42 @@ def _safetensors_header(layout: tuple[tuple[str, Any, tuple[int, ...]], ...]) ->
     return len(text).to_bytes(8, "little") + text
 
 
+class Signatures:
+    """The signatures of registered versions, read once each (versions are immutable)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._cache: dict[tuple[str, int], Signature] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str, version: int) -> Signature | None:
+        """The signature of ``model`` version ``version``; None when it is not registered."""
+        key = (model, version)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        models, versions = registry_store.models, registry_store.versions
+        query = (
+            select(versions.c.signature)
+            .join(models, models.c.id == versions.c.model_id)
+            .where(models.c.name == model, versions.c.version == version)
+        )
+        with self.engine.connect() as conn:
+            data = conn.execute(query).scalar()
+        if data is None:
+            return None
+        signature = Signature.from_dict(data)
+        with self._lock:
+            self._cache[key] = signature
+        return signature
+
+
 def insert_ignoring_duplicates(dialect: str, table: Table) -> Insert:
     """``INSERT ... ON CONFLICT DO NOTHING`` for ``table`` on SQLite or PostgreSQL."""
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     return sqlite.insert(table).on_conflict_do_nothing()
-
-
-#: the observation columns ``raw_insert_ignoring_duplicates`` binds, in order
-RAW_INSERT_COLUMNS = (
-    "model",
-    "version",
-    "request_id",
-    "at",
-    "latency_s",
-    "outputs",
-    "inputs",
-    "prediction",
-    "proba",
-)
-_JSON_COLUMNS = frozenset({"prediction", "proba"})
-
-
-def raw_insert_ignoring_duplicates(dialect: str) -> str:
-    """DBAPI SQL inserting one observation (``RAW_INSERT_COLUMNS``), skipping duplicates.
-
-    For ``executemany`` on the raw connection: positional parameters in the driver's
-    style (sqlite3 ``?``, psycopg ``%s``); JSON columns take JSON text (cast to JSONB on
-    PostgreSQL; SQLite stores the text, as SQLAlchemy's JSON type does).
-    """
-    if dialect == "postgresql":
-        marks = ["%s::jsonb" if c in _JSON_COLUMNS else "%s" for c in RAW_INSERT_COLUMNS]
-    elif dialect == "sqlite":
-        marks = ["?"] * len(RAW_INSERT_COLUMNS)
-    else:
-        raise InvalidInput(f"observations need SQLite or PostgreSQL, not {dialect!r}")
-    return (
-        f"INSERT INTO {observations.name} ({', '.join(RAW_INSERT_COLUMNS)}) "
-        f"VALUES ({', '.join(marks)}) ON CONFLICT DO NOTHING"
-    )
-
-
-def execute_many_ignoring_duplicates(
-    engine: Engine, sql: str, rows: list[tuple[Any, ...]]
-) -> list[bool] | None:
-    """Run ``sql`` (``raw_insert_ignoring_duplicates``) for ``rows`` in one transaction.
-
-    None when every row was inserted, else which ones were (rare: a duplicate makes the
-    batch roll back and go again one row at a time, to learn which rows lost).
-    """
-    sqlite = engine.dialect.name == "sqlite"
-    conn = engine.raw_connection()
-    try:
-        cursor = conn.cursor()
-        try:
-            if sqlite:  # the write lock up front, as ``writer`` takes it
-                cursor.execute("BEGIN IMMEDIATE")
-            cursor.executemany(sql, rows)
-            if cursor.rowcount == len(rows):  # summed over the rows by sqlite3 and psycopg
-                conn.commit()
-                return None
-            conn.rollback()
-            if sqlite:
-                cursor.execute("BEGIN IMMEDIATE")
-            inserted: list[bool] = []
-            for row in rows:
-                cursor.execute(sql, row)
-                inserted.append(cursor.rowcount == 1)
-            conn.commit()
-            return inserted
-        except BaseException:
-            conn.rollback()
-            raise
-        finally:
-            cursor.close()
-    finally:
-        conn.close()
 
 
 def json_text(value: Any) -> str:

@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from torchops.serving.datatypes import datatype_of, numpy_dtype
 from torchops.serving.metrics import ServingMetrics
 from torchops.types import Array
 
-__all__ = ["Batcher", "calibrate_batch_size", "measure_batch_sizes"]
+__all__ = ["Batcher", "Observer", "calibrate_batch_size", "measure_batch_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,26 @@ _Outcome = tuple[
 ]
 
 
+#: called on the compute thread with each answered batch: (request ids, rows per request
+#: or None when one each, start times, stacked inputs, stacked outputs)
+Observer = Callable[
+    [Sequence[int | str], Sequence[int] | None, Sequence[float], Mapping[str, Array],
+     Mapping[str, Array]],
+    None,
+]  # fmt: skip
+
+
 class _Pending:
-    __slots__ = ("deadline", "enqueued", "future", "inputs", "loop", "rows")
+    __slots__ = (
+        "deadline",
+        "enqueued",
+        "future",
+        "inputs",
+        "loop",
+        "request_id",
+        "rows",
+        "started",
+    )
 
     def __init__(
         self,
@@ -48,6 +66,8 @@ class _Pending:
         deadline: float | None,
         future: asyncio.Future[dict[str, Array]],
         loop: asyncio.AbstractEventLoop,
+        request_id: int | str | None,
+        started: float | None,
     ) -> None:
         self.inputs = inputs
         self.rows = rows
@@ -55,6 +75,8 @@ class _Pending:
         self.future = future
         self.loop = loop
         self.enqueued = time.monotonic()
+        self.request_id = request_id
+        self.started = self.enqueued if started is None else started
 
 
 def _deliver(outcomes: list[_Outcome]) -> None:
@@ -79,6 +101,9 @@ class Batcher:
     ``max_queue`` bounds the number of waiting requests (beyond it ``submit`` raises
     ``Overloaded``); ``num_threads``, when given, is passed to ``torch.set_num_threads`` by
     the compute thread. The batcher does not own ``runtime``: ``close`` leaves it open.
+    ``observer`` (e.g. the monitor's) is called on the compute thread with every answered
+    batch of requests that were submitted with a ``request_id``; it must be quick and
+    must not raise.
     """
 
     def __init__(
@@ -92,6 +117,7 @@ class Batcher:
         max_queue: int = 1024,
         metrics: ServingMetrics | None = None,
         num_threads: int | None = None,
+        observer: Observer | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise InvalidInput(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -107,6 +133,7 @@ class Batcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self.num_threads = num_threads
+        self.observer = observer
         inputs = runtime.signature.inputs
         # requests stack along dim 0 only when every input has a variable leading dim
         self._stackable = bool(inputs) and all(s.shape[:1] == (-1,) for s in inputs)
@@ -149,12 +176,19 @@ class Batcher:
         self._thread.start()
 
     async def submit(
-        self, inputs: dict[str, Array], *, deadline: float | None = None
+        self,
+        inputs: dict[str, Array],
+        *,
+        deadline: float | None = None,
+        request_id: int | str | None = None,
+        started: float | None = None,
     ) -> dict[str, Array]:
         """Run ``inputs`` (one or more rows) in the next batch and return their outputs.
 
         ``deadline`` is a ``time.monotonic()`` time after which the request is dropped
-        with ``DeadlineExceeded`` instead of being run.
+        with ``DeadlineExceeded`` instead of being run. ``request_id`` (with ``started``,
+        the ``time.monotonic()`` time the request arrived) names the request to the
+        observer; requests without one are not observed.
         """
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(
@@ -174,7 +208,7 @@ class Batcher:
                     f"model {self.model!r} version {self.version} is overloaded: "
                     f"{len(self._queue)} requests are queued (max_queue={self.max_queue})"
                 )
-            self._queue.append(_Pending(inputs, rows, deadline, future, loop))
+            self._queue.append(_Pending(inputs, rows, deadline, future, loop, request_id, started))
             self._queued_rows += rows
             self._cond.notify()
         return await future
@@ -342,6 +376,8 @@ class Batcher:
             # the model does not keep the batch dimension: run requests one by one from now on
             self._stackable = False
             raise TorchopsError(f"model {self.model!r} outputs do not follow the batch size")
+        if self.observer is not None:
+            self._observe(live, stacked, outputs)
         results: list[tuple[dict[str, Array] | None, BaseException | None]] = []
         start = 0
         for p in live:
@@ -352,9 +388,38 @@ class Batcher:
 
     def _predict_one(self, p: _Pending) -> tuple[dict[str, Array] | None, BaseException | None]:
         try:
-            return self.runtime.predict_batch(p.inputs), None
+            outputs = self.runtime.predict_batch(p.inputs)
         except Exception as exc:
             return None, exc
+        if self.observer is not None and all(
+            a.ndim and a.shape[0] == p.rows for a in outputs.values()
+        ):
+            self._observe([p], p.inputs, outputs)
+        return outputs, None
+
+    def _observe(
+        self, live: list[_Pending], inputs: Mapping[str, Array], outputs: Mapping[str, Array]
+    ) -> None:
+        """Hand an answered batch to the observer (only requests that carry an id)."""
+        observer = self.observer
+        if observer is None:
+            return
+        ids = [p.request_id for p in live]
+        if None in ids:  # not named: not observed
+            if len(live) == 1:
+                return
+            mask = np.repeat([i is not None for i in ids], [p.rows for p in live])
+            inputs = {k: v[mask] for k, v in inputs.items()}
+            outputs = {k: v[mask] for k, v in outputs.items()}
+            live = [p for p in live if p.request_id is not None]
+            if not live:
+                return
+            ids = [p.request_id for p in live]
+        rows = [p.rows for p in live] if any(p.rows != 1 for p in live) else None
+        try:
+            observer(ids, rows, [p.started for p in live], inputs, outputs)  # type: ignore[arg-type]
+        except Exception:  # observing must never fail a batch
+            log.exception("the observer of %s version %s failed", self.model, self.version)
 
     def _send(
         self, done: Sequence[tuple[_Pending, dict[str, Array] | None, BaseException | None]]

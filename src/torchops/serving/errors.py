@@ -55,7 +55,14 @@ class RequestIds:
         self._counter = itertools.count(1)
 
     def next(self) -> str:
-        return f"{self.prefix}-{next(self._counter)}"
+        return self.format(next(self._counter))
+
+    def number(self) -> int:
+        """The next id's number (``format`` makes it the id)."""
+        return next(self._counter)
+
+    def format(self, number: int) -> str:
+        return f"{self.prefix}-{number}"
 
 
 def error_reply(exc: BaseException, request_id: str | None = None, *, where: str = "") -> Reply:

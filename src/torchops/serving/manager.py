@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torchops.errors import NotFound, TorchopsError, Unavailable
 from torchops.refs import DEFAULT_ALIAS, ModelRef
-from torchops.serving.batcher import Batcher, calibrate_batch_size
+from torchops.serving.batcher import Batcher, Observer, calibrate_batch_size
 from torchops.serving.metrics import ServingMetrics
 from torchops.serving.served import ServedVersion
-from torchops.types import ModelVersion
+from torchops.types import ModelVersion, Signature
 
 if TYPE_CHECKING:
     from torchops.registry import Registry
@@ -73,6 +73,9 @@ class ModelManager:
         self.drain_timeout_s = drain_timeout_s
         self.threads = threads
         self.metrics = metrics if metrics is not None else ServingMetrics()
+        #: gives each version's batcher its observer when it loads (set by the monitor's
+        #: service): ``(model, version, signature) -> Observer``
+        self.observers: Callable[[str, int, Signature], Observer] | None = None
         self._refs: dict[str, ModelRef] = {}
         for text in self.refs:
             ref = ModelRef.parse(text)
@@ -325,6 +328,9 @@ class ModelManager:
             max_queue=self.max_queue,
             metrics=self.metrics,
             num_threads=self.threads,
+            observer=None
+            if self.observers is None
+            else self.observers(name, version, info.signature),
         )
         batcher.start()
         log.info("loaded %s:%s (%s, batches of up to %s)", name, version, runtime.format, batch)

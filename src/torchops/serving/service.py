@@ -68,7 +68,8 @@ class InferenceService:
     ``auth_inference``. Without ``auth`` nothing is protected (for embedding in tests or
     behind a gateway that authenticates). ``reject_nonfinite`` refuses NaN and infinity
     in float inputs. ``monitor`` (a started ``Monitor``) observes every successful
-    prediction; None turns monitoring off.
+    prediction, through the observer it gives each version's batcher (so the manager
+    must not have loaded versions yet); None turns monitoring off.
     """
 
     def __init__(
@@ -95,6 +96,10 @@ class InferenceService:
         self.monitor = monitor
         self.metrics = manager.metrics
         self.ids = RequestIds()
+        if monitor is not None:
+            # batches name requests by the number of a generated id; the writer adds this
+            monitor.writer.id_prefix = self.ids.prefix
+            manager.observers = monitor.observer
         #: set when shutdown starts: readiness turns 503 while in-flight requests finish
         self.shutting_down = False
 
@@ -177,10 +182,14 @@ class InferenceService:
                 body, served.signature, header_length=length, reject_nonfinite=self.reject_nonfinite
             )
             rid = request.id
-            if rid is None:
-                rid = request_id.decode("latin-1") if request_id else self.ids.next()
+            key: int | str
+            if rid is None and not request_id:
+                key = self.ids.number()
+                rid = self.ids.format(key)
+            else:
+                rid = key = rid if rid is not None else request_id.decode("latin-1")  # type: ignore[union-attr]
             served, outputs = await self._run(
-                served, request, version is None, body, length, start + self.request_timeout_s
+                served, request, version is None, body, length, start, key
             )
             payload, json_length = encode_response(
                 model_name=model,
@@ -205,10 +214,6 @@ class InferenceService:
             reply = Reply(200, payload, OCTET_STREAM, header)
         seconds = time.monotonic() - start
         self.metrics.observe_request(model, served.version_str, "ok", seconds)
-        if self.monitor is not None:
-            self.monitor.record(
-                model, served.version, served.signature, rid, seconds, request.inputs, outputs
-            )
         if self.access_log:
             self._log(rid, model, served, 200, start, len(body))
         return reply
@@ -220,13 +225,19 @@ class InferenceService:
         follow_route: bool,
         body: bytes,
         header_length: int | None,
-        deadline: float,
+        start: float,
+        key: int | str,
     ) -> tuple[ServedVersion, dict[str, Array]]:
-        """Submit to the version's batcher; a request that raced a hot swap onto a version
-        being retired is re-routed to the version that replaced it."""
+        """Submit to the version's batcher (``key`` names the request to its observer); a
+        request that raced a hot swap onto a version being retired is re-routed to the
+        version that replaced it."""
+        deadline = start + self.request_timeout_s
         for _ in range(_MAX_REROUTES):
             try:
-                return served, await served.batcher.submit(request.inputs, deadline=deadline)
+                outputs = await served.batcher.submit(
+                    request.inputs, deadline=deadline, request_id=key, started=start
+                )
+                return served, outputs
             except Unavailable:
                 if not (follow_route and served.retired):
                     raise
