@@ -113,6 +113,54 @@ def test_batched_results_equal_unbatched(runtime: Runtime) -> None:
         np.testing.assert_allclose(result["y"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_observer_sees_each_batch_once_with_its_named_requests(runtime: Runtime) -> None:
+    seen: list[tuple[list[Any], Any, int, Array]] = []
+
+    def observer(ids: Any, rows: Any, started: Any, inputs: Any, outputs: Any) -> None:
+        assert len(started) == len(ids)
+        seen.append((list(ids), rows, inputs["x"].shape[0], outputs["y"]))
+
+    requests = [_rows(1, seed=0), _rows(2, seed=1), _rows(1, seed=2), _rows(1, seed=3)]
+    batcher, _ = _batcher(runtime, max_batch_size=16, observer=observer)
+
+    async def main() -> list[Any]:
+        names: list[int | str | None] = [5, "client", None, 6]
+        tasks = [
+            asyncio.ensure_future(batcher.submit(r, request_id=n, started=time.monotonic()))
+            for r, n in zip(requests, names, strict=True)
+        ]
+        await asyncio.sleep(0)
+        batcher.start()
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = _run(main())
+    finally:
+        batcher.close()
+    # one batch; the request without a name is answered but not observed
+    assert [(ids, rows, n) for ids, rows, n, _ in seen] == [([5, "client", 6], [1, 2, 1], 4)]
+    observed = seen[0][3]
+    np.testing.assert_array_equal(observed[1:3], results[1]["y"])
+    np.testing.assert_array_equal(observed[3:], results[3]["y"])
+
+
+def test_a_failing_observer_does_not_fail_the_batch(runtime: Runtime) -> None:
+    def observer(*args: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    batcher, _ = _batcher(runtime, observer=observer)
+
+    async def main() -> dict[str, Array]:
+        batcher.start()
+        return await batcher.submit(_rows(1, seed=0), request_id=1)
+
+    try:
+        result = _run(main())
+    finally:
+        batcher.close()
+    assert result["y"].shape[0] == 1
+
+
 def test_max_batch_size_counts_rows(runtime: Runtime) -> None:
     requests = [_rows(3, seed=i) for i in range(10)] + [_rows(10, seed=99)]
     batcher, metrics = _batcher(runtime, max_batch_size=8)

@@ -185,13 +185,15 @@ class Batch:
         done, at, requests = zip(*per_capture, strict=True)
         latency = np.repeat(np.asarray(done), requests) - np.asarray(started)
         at_requests = np.repeat(np.asarray(at, np.float64), requests)
-        generated = [i for i in ids if type(i) is int]
-        if generated and min(generated) < 0:
-            raise InvalidInput("generated request numbers must be >= 0")
-        if len(generated) == len(ids):
-            per_request = np.asarray(ids, np.int64)
+        as_array = np.asarray(ids)  # int64 only when every id is a number
+        if as_array.dtype.kind == "i":
+            if as_array.size and int(as_array.min()) < 0:
+                raise InvalidInput("generated request numbers must be >= 0")
+            per_request = as_array.astype(np.int64, copy=False)
             custom_requests: list[str] = []
         else:
+            if any(type(i) is int and i < 0 for i in ids):
+                raise InvalidInput("generated request numbers must be >= 0")
             per_request = np.fromiter((i if type(i) is int else -1 for i in ids), np.int64)
             custom_requests = [i for i in ids if type(i) is not int]  # type: ignore[misc]
         count = np.asarray(counts if counts is not None else [], np.int64)

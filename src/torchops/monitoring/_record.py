@@ -38,9 +38,16 @@ _PYTHON_MAX = 64
 class RowRule:
     """Turns one row of a version's first output into ``(prediction, proba)``."""
 
-    __slots__ = ("binary", "classifier", "input_values", "output")
+    __slots__ = ("binary", "classifier", "fixed", "input_values", "output", "trusted")
 
-    def __init__(self, signature: Signature) -> None:
+    def __init__(self, signature: Signature, *, trusted: bool = False) -> None:
+        #: set by the server's monitor: batches made with this rule come from a batcher of
+        #: this signature (valid model name, ids and arrays), so the writer skips checks
+        self.trusted = trusted
+        #: no variable dimension past the batch one: all batches of the signature stack
+        self.fixed = all(
+            all(d >= 0 for d in spec.shape[1:]) for spec in (*signature.inputs, *signature.outputs)
+        )
         first = signature.outputs[0] if signature.outputs else None
         self.output = first.name if first is not None else None
         self.classifier = signature.task == "classification"

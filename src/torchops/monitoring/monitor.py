@@ -285,7 +285,7 @@ class Monitor:
         ``(request ids, rows per request or None, start times, inputs, outputs)``, the ids
         being the numbers of server-generated ids (``writer.id_prefix``) or the clients' ids,
         the start times ``time.monotonic()`` values. It does no per-row work."""
-        rule = self._rule(model, version, signature)
+        rule = self._rule(model, version, signature, trusted=True)
         put = self.writer.put_batch
         opts = self.options
         sample = opts.input_sample_rate < 1.0 and rule.input_values > opts.max_input_values
@@ -340,8 +340,10 @@ class Monitor:
             if self._record_errors == 1:
                 log.exception("could not observe a prediction of %s:%s", model, version)
 
-    def _rule(self, model: str, version: int, signature: Signature) -> RowRule:
-        rule = RowRule(signature)
+    def _rule(
+        self, model: str, version: int, signature: Signature, *, trusted: bool = False
+    ) -> RowRule:
+        rule = RowRule(signature, trusted=trusted)
         self._signatures[(model, version)] = signature
         self._watched.add(model)
         self._rules[(model, version)] = rule

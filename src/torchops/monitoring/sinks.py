@@ -175,7 +175,12 @@ class TensorBoardSink:
     """
 
     def __init__(self, root: str | Path) -> None:
+        # TensorBoard's writer takes a good part of a second of CPU to import: pay it when
+        # the sink is made (a server starting), not at the first write under traffic
+        from torch.utils.tensorboard import SummaryWriter
+
         self.root = Path(root)
+        self._summary_writer = SummaryWriter
         self._writers: dict[tuple[str, int], SummaryWriter] = {}
         self._lock = threading.Lock()
 
@@ -224,10 +229,8 @@ class TensorBoardSink:
         with self._lock:
             writer = self._writers.get(key)
             if writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
                 log_dir = self.root / model / str(version)
-                writer = SummaryWriter(log_dir=str(log_dir))
+                writer = self._summary_writer(log_dir=str(log_dir))
                 self._writers[key] = writer
             return writer
 
