@@ -6,7 +6,9 @@ Two servers over the same registry run side by side, pinned to the same CPU
 ``--no-monitor``, one monitoring with every observation kept and inputs sampled at 1.0
 (the ``mlp`` model is registered with a reference sample, so drift is computed too).
 ``wrk`` loads them in turn — off, on, off, on, … — with the OIP JSON body at concurrency 64;
-between turns the monitored server is given time to finish writing. It prints req/s and
+between turns the monitored server is given time to finish writing (its CPU until then
+counts) and the disk cache is synced, so no turn pays for the writeback of an earlier one's
+data. It prints req/s and
 server CPU per request of each turn, the median ratio on/off (target ≥ 95%), how many
 observations were stored and dropped, then the feedback ingestion rate: labels for stored
 predictions sent through ``POST /v2/models/mlp/feedback`` in the batch form.
@@ -158,6 +160,7 @@ def main() -> None:
         time.sleep(args.settle)
         for turn in range(args.rounds):
             for kind in ("off", "on") if turn % 2 == 0 else ("on", "off"):
+                os.sync()  # every turn starts with no dirty pages left by the one before
                 cpu0 = cpu_seconds(servers[kind].pid)
                 r = wrk(bases[kind], MODEL, lua, body, args.conc, args.duration)
                 time.sleep(args.settle)  # the monitored server finishes writing: its CPU counts

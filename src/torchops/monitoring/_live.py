@@ -238,15 +238,31 @@ class LiveVersion:
         self._remember_arrays(batch)
         if self.drift is None:
             return
+        n, size = batch.rows, self.drift_window
+        # windows that fill and are followed by another full one within this batch are
+        # never scored (only the latest full window is): count them, skip their rows
+        completed = (self.drift.rows + n) // size
+        start = 0
+        if completed >= 2:
+            start = completed * size - self.drift.rows - size
+            self.filled += completed - 1
+            self.drift.rows = 0  # its rows belonged to a skipped window
         predictions = batch.prediction_numbers()
         matrix: Array | None = None
         keep = batch.input_rows
         if batch.inputs is not None:
-            try:
-                matrix = extract(self.signature, batch.inputs)
+            inputs = batch.inputs
+            if keep is None:
+                inputs = {k: v[start:] for k, v in inputs.items()}
+            else:
+                first = int(np.searchsorted(keep, start))
+                inputs = {k: v[first:] for k, v in inputs.items()}
+                keep = keep[first:]
+            try:  # feature rows from ``start`` on: matrix row i is batch row start + i
+                matrix = extract(self.signature, inputs)
             except (TorchopsError, ValueError) as exc:
                 self._warn("drift", f"{self.model} v{self.version}: drift skipped inputs: {exc}")
-        start, n = 0, batch.rows
+        base = start
         while start < n:
             window = self.drift
             end = start + min(n - start, self.drift_window - window.rows)
@@ -254,7 +270,7 @@ class LiveVersion:
             part_keep: Array | None = None
             if matrix is not None:
                 if keep is None:
-                    part = matrix[start:end]
+                    part = matrix[start - base : end - base]
                 else:
                     chosen = (keep >= start) & (keep < end)
                     part, part_keep = matrix[chosen], keep[chosen] - start
