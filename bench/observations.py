@@ -13,7 +13,9 @@ observation for:
 2. the writer's flush — grouping, stacking the arrays into safetensors bytes, the columns,
    and the insert;
 3. the floor: the same number of bytes inserted as one plain blob per flush with sqlite3
-   on another fresh database, in the same run.
+   on another fresh database (same page size and journal), in the same run.
+
+The disk cache is synced before each part, so none pays for another's writeback.
 
 Ratio 2 / 3 is what the writer adds over storing the bytes at all. Asserts nothing.
 """
@@ -33,7 +35,7 @@ import numpy as np
 from torchops.monitoring import store
 from torchops.monitoring._record import RowRule
 from torchops.monitoring.observations import ObservationWriter, ObservedBatch
-from torchops.registry.store import connect
+from torchops.registry.store import PAGE_SIZE, connect
 from torchops.types import Signature, TensorSpec
 
 
@@ -66,6 +68,7 @@ def batches(args: argparse.Namespace, rule: RowRule) -> list[list[ObservedBatch]
 def floor(path: Path, sizes: list[int]) -> float:
     """CPU seconds to insert blobs of ``sizes`` bytes, one per transaction, with sqlite3."""
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # as the registry's database has
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB)")
@@ -96,6 +99,7 @@ def main() -> None:
     flushes = batches(args, RowRule(signature, trusted=True))  # as the server makes them
     rows = sum(b.size for flush in flushes for b in flush)
     with tempfile.TemporaryDirectory(prefix="torchops-bench-observations-") as home:
+        os.sync()
         engine = connect(f"sqlite:///{home}/registry.db")
         writer = ObservationWriter(engine, id_prefix="bench", max_buffer=10**9)
         put = flush_time = 0.0
@@ -116,6 +120,7 @@ def main() -> None:
                 )
             ]
         engine.dispose()
+        os.sync()
         base = floor(Path(home) / "floor.db", stored_sizes)
     per_row = 1e6 / rows
     print(f"{rows:,} observations in {len(flushes)} flushes of {args.requests_per_flush} "

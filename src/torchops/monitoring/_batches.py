@@ -185,11 +185,10 @@ class Batch:
         done, at, requests = zip(*per_capture, strict=True)
         latency = np.repeat(np.asarray(done), requests) - np.asarray(started)
         at_requests = np.repeat(np.asarray(at, np.float64), requests)
-        as_array = np.asarray(ids)  # int64 only when every id is a number
-        if as_array.dtype.kind == "i":
-            if as_array.size and int(as_array.min()) < 0:
+        if all(type(i) is int for i in ids):  # every id server-generated
+            per_request = np.fromiter(ids, np.int64, len(ids))
+            if per_request.size and int(per_request.min()) < 0:
                 raise InvalidInput("generated request numbers must be >= 0")
-            per_request = as_array.astype(np.int64, copy=False)
             custom_requests: list[str] = []
         else:
             if any(type(i) is int and i < 0 for i in ids):
