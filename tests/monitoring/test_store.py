@@ -107,6 +107,23 @@ def test_a_newer_schema_is_refused(database_url: str, tmp_path: Path, registry: 
         store.ensure_tables(again.engine)
 
 
+def test_an_older_schema_gets_the_new_tables_and_version(
+    database_url: str, tmp_path: Path, registry: Registry
+) -> None:
+    store.ensure_tables(registry.engine)
+    meta = registry_store.meta
+    with registry.engine.begin() as conn:
+        conn.execute(
+            update(meta).where(meta.c.key == "monitoring_schema_version").values(value="1")
+        )
+    with Registry(tmp_path / "home", url=database_url) as again:
+        store.ensure_tables(again.engine)
+        assert _schema_version(again.engine) == str(store.SCHEMA_VERSION)
+        assert {"observation_batches", "observation_ids"} <= set(
+            inspect(again.engine).get_table_names()
+        )
+
+
 def test_jsonable_unwraps_numpy_and_nulls_non_finite_numbers() -> None:
     value = {"a": np.int64(3), "b": [np.float32(0.5), float("inf")], 1: (True, None, "s")}
     assert store.jsonable(value) == {"a": 3, "b": [0.5, None], "1": [True, None, "s"]}

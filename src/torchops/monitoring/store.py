@@ -221,6 +221,12 @@ def ensure_tables(engine: Engine) -> None:
                     f"the monitoring tables have schema version {stored[0]}, newer than this "
                     f"torchops supports ({SCHEMA_VERSION}); upgrade torchops"
                 )
+            elif int(stored[0]) < SCHEMA_VERSION:  # the new tables were just created
+                conn.execute(
+                    meta.update()
+                    .where(meta.c.key == _SCHEMA_KEY)
+                    .values(value=str(SCHEMA_VERSION))
+                )
         _ready.add(engine)
 
 
