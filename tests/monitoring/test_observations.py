@@ -11,6 +11,7 @@ import torch
 from sqlalchemy import Engine, Table, func, select
 
 from torchops.errors import InvalidInput, Unavailable
+from torchops.monitoring import observations as observations_module
 from torchops.monitoring import store
 from torchops.monitoring._batches import Batch
 from torchops.monitoring._record import RowRule
@@ -447,6 +448,22 @@ def test_server_batches_name_requests_by_number_and_index_only_client_ids(
     with engine.connect() as conn:
         stored = conn.execute(select(store.observation_batches.c.predictions)).scalar_one()
     assert stored is None
+
+
+def test_a_flush_is_stored_in_batches_of_bounded_size(
+    engine: Engine, make_observation: MakeObservation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each observation holds 3 + 4 float32 values: 28 bytes
+    monkeypatch.setattr(observations_module, "MAX_STORED_BYTES", 100)
+    sizes: list[int] = []
+    writer = ObservationWriter(engine, on_write=lambda bs: sizes.extend(len(b) for b in bs))
+    for i in range(10):
+        writer.put(make_observation("clf", f"r{i}"))
+    writer.flush()
+    assert sizes == [3, 3, 3, 1]
+    assert [o.request_id for o in ObservationStore(engine).observations("clf")[0]] == [
+        f"r{i}" for i in range(10)
+    ]
 
 
 def test_pages_end_inside_a_stored_batch_and_resume_there(

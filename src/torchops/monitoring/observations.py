@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: the most rows one stored batch holds (a read cursor counts rows within a batch in 20 bits)
 MAX_STORED_ROWS = 65_536
+#: the most array bytes one stored batch holds (SQLite and PostgreSQL cap a value at 1 GB)
+MAX_STORED_BYTES = 256 * 1024 * 1024
 #: request ids checked for duplicates per query
 _LOOKUP_CHUNK = 500
 #: distinct from the other advisory lock keys
@@ -392,9 +394,10 @@ class ObservationWriter:
                 log.exception("on_write callback failed")
 
     def _groups(self, taken: list[ObservedBatch]) -> list[list[ObservedBatch]]:
-        """``taken`` grouped by what can be stacked, each group at most MAX_STORED_ROWS."""
+        """``taken`` grouped by what can be stacked, each group at most MAX_STORED_ROWS rows
+        and (unless one batch alone is bigger) MAX_STORED_BYTES of arrays."""
         groups: dict[tuple[Any, ...], list[list[ObservedBatch]]] = {}
-        sizes: dict[tuple[Any, ...], int] = {}
+        sizes: dict[tuple[Any, ...], tuple[int, int]] = {}
         for batch in taken:
             size = batch.size
             rule = batch.rule
@@ -417,16 +420,18 @@ class ObservationWriter:
                         layout(batch.outputs),
                         None if batch.inputs is None else layout(batch.inputs),
                     )
+                nbytes = _nbytes(batch)
             except Exception as exc:
                 log.warning("dropping observations of %r: %s", batch.model, exc)
                 self._drop({str(batch.model): size})
                 continue
             chunks = groups.setdefault(key, [[]])
-            if chunks[-1] and sizes[key] + size > MAX_STORED_ROWS:
+            rows, stored = sizes.get(key, (0, 0))
+            if chunks[-1] and (rows + size > MAX_STORED_ROWS or stored + nbytes > MAX_STORED_BYTES):
                 chunks.append([])
-                sizes[key] = 0
+                rows, stored = 0, 0
             chunks[-1].append(batch)
-            sizes[key] = sizes.get(key, 0) + size
+            sizes[key] = (rows + size, stored + nbytes)
         return [chunk for chunks in groups.values() for chunk in chunks]
 
     def _check(self, batch: ObservedBatch) -> None:
@@ -499,6 +504,11 @@ class ObservationWriter:
                     self.on_drop(model, count)
                 except Exception:
                     log.exception("on_drop callback failed")
+
+
+def _nbytes(batch: ObservedBatch) -> int:
+    total = sum(a.nbytes for a in batch.outputs.values())
+    return total + sum(a.nbytes for a in (batch.inputs or {}).values())
 
 
 def _rows(batches: Sequence[ObservedBatch]) -> int:

@@ -223,9 +223,7 @@ def ensure_tables(engine: Engine) -> None:
                 )
             elif int(stored[0]) < SCHEMA_VERSION:  # the new tables were just created
                 conn.execute(
-                    meta.update()
-                    .where(meta.c.key == _SCHEMA_KEY)
-                    .values(value=str(SCHEMA_VERSION))
+                    meta.update().where(meta.c.key == _SCHEMA_KEY).values(value=str(SCHEMA_VERSION))
                 )
         _ready.add(engine)
 
