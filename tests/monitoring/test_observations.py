@@ -466,6 +466,34 @@ def test_a_flush_is_stored_in_batches_of_bounded_size(
     ]
 
 
+def test_generated_ids_far_apart_are_indexed_and_old_ones_found_among_many_batches(
+    engine: Engine, classifier: ModelVersion
+) -> None:
+    rule = RowRule(classifier.signature, trusted=True)
+    writer = ObservationWriter(engine, id_prefix="srv")
+
+    def put(numbers: list[int]) -> None:
+        rows = len(numbers)
+        writer.put_batch(
+            ObservedBatch(
+                "clf", 1, numbers, None, 1e9, [0.0] * rows, 0.001,
+                {"output": np.zeros((rows, 3), np.float32)},
+                {"input": np.zeros((rows, 4), np.float32)}, rule,
+            )
+        )  # fmt: skip
+        writer.flush()
+
+    put([5, 6])
+    for start in range(100, 100 + 30 * store.ID_SPAN // 2, store.ID_SPAN // 2):
+        put([start, start + 1])  # 30 later stored batches, each a narrow range
+    put([7, 7 + store.ID_SPAN])  # a straggler: too wide for a range
+    assert _count(engine, store.observation_ids) == 2  # only the wide batch is indexed
+    found = ObservationStore(engine).versions("clf", ["srv-5", "srv-6", "srv-7", "srv-8"])
+    assert found == {"srv-5": 1, "srv-6": 1, "srv-7": 1}
+    wide = ObservationStore(engine).get("clf", f"srv-{7 + store.ID_SPAN}")
+    assert wide is not None and wide.request_id == f"srv-{7 + store.ID_SPAN}"
+
+
 def test_pages_end_inside_a_stored_batch_and_resume_there(
     engine: Engine, make_observation: MakeObservation
 ) -> None:

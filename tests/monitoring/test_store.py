@@ -42,7 +42,7 @@ def test_tables_are_created_beside_the_registrys_once(engine: Engine) -> None:
     indexes = {i["name"] for i in inspect(engine).get_indexes("observation_batches")}
     assert {
         "ix_observation_batches_model_version_id",
-        "ix_observation_batches_model_prefix_hi",
+        "ix_observation_batches_model_prefix_lo",
         "ix_observation_batches_last_at",
     } <= indexes
     assert _schema_version(engine) == str(store.SCHEMA_VERSION)

@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 
 from torchops.errors import InvalidInput
-from torchops.monitoring.store import ArrayEncoder, json_text
+from torchops.monitoring.store import ID_SPAN, ArrayEncoder, json_text
 from torchops.packaging import decode_arrays
 from torchops.types import Array
 
@@ -292,6 +292,7 @@ class Batch:
     def encode(self, encoder: ArrayEncoder) -> dict[str, Any]:
         """The ``observation_batches`` values of this batch (without ``id``)."""
         generated = self.numbers[self.numbers >= 0]
+        ranged = generated.size and not self.wide  # wide: found through observation_ids
         columns: dict[str, Array] = {"at": self.at, "latency": self.latency}
         if self.input_rows is not None:
             columns["input_rows"] = self.input_rows.astype(np.int64, copy=False)
@@ -305,8 +306,8 @@ class Batch:
             "first_at": _utc(float(self.at.min())),
             "last_at": _utc(float(self.at.max())),
             "id_prefix": self.prefix if generated.size else None,
-            "id_lo": int(generated.min()) if generated.size else None,
-            "id_hi": int(generated.max()) if generated.size else None,
+            "id_lo": int(generated.min()) if ranged else None,
+            "id_hi": int(generated.max()) if ranged else None,
             "ids": encoder.encode(ids),
             "custom_ids": orjson.dumps(self.custom).decode() if self.custom else None,
             "columns": encoder.encode(columns),
@@ -357,8 +358,17 @@ class Batch:
             None if given else rule,
         )
 
+    @property
+    def wide(self) -> bool:
+        """True when the generated numbers span ``ID_SPAN`` or more: then they are indexed
+        in ``observation_ids`` like client ids, and the batch records no range."""
+        generated = self.numbers[self.numbers >= 0]
+        return bool(generated.size) and int(generated.max() - generated.min()) >= ID_SPAN
+
     def key_rows(self) -> list[dict[str, Any]]:
-        """``observation_ids`` rows of this stored batch: its client-chosen request ids."""
+        """``observation_ids`` rows of this stored batch: its client-chosen request ids
+        (and its generated ones when the batch is ``wide``)."""
+        rows = np.flatnonzero(self.numbers < 0) if not self.wide else np.arange(self.rows)
         return [
             {
                 "model": self.model,
@@ -367,7 +377,7 @@ class Batch:
                 "row": row,
                 "version": self.version,
             }
-            for row in np.flatnonzero(self.numbers < 0).tolist()
+            for row in rows.tolist()
         ]
 
     # -- rows ----------------------------------------------------------------------------

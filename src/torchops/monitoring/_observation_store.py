@@ -98,8 +98,10 @@ class ObservationStore:
                     .where(
                         b.c.model == model,
                         b.c.id_prefix == prefix,
-                        b.c.id_hi >= int(numbers.min()),
+                        # spans are below ID_SPAN: the index bounds the scan on both sides
+                        b.c.id_lo > int(numbers.min()) - store.ID_SPAN,
                         b.c.id_lo <= int(numbers.max()),
+                        b.c.id_hi >= int(numbers.min()),
                     )
                     .order_by(b.c.id)
                 )
@@ -339,8 +341,9 @@ class ObservationStore:
         with store.writer(self.engine).begin() as conn:
             conn.execute(b.update().where(b.c.id == batch_id).values(**values))
             conn.execute(keys.delete().where(keys.c.batch_id == batch_id))
-            if trimmed.custom:
-                conn.execute(keys.insert(), trimmed.key_rows())
+            key_rows = trimmed.key_rows()
+            if key_rows:
+                conn.execute(keys.insert(), key_rows)
             for at in range(0, len(gone), _CHUNK):
                 conn.execute(
                     f.delete().where(

@@ -448,7 +448,6 @@ class ObservationWriter:
     def _store(self, conn: Connection, batch: Batch, values: dict[str, Any]) -> Batch:
         """Insert ``batch`` (without rows whose client-chosen id is already stored)."""
         custom_rows = np.flatnonzero(batch.numbers < 0)
-        ids: list[str] = []
         if custom_rows.size:
             if conn.dialect.name == "postgresql":  # workers writing the same model wait
                 conn.execute(
@@ -473,14 +472,13 @@ class ObservationWriter:
                 self._drop({batch.model: lost})
                 batch = batch.keep(keep)
                 values = batch.encode(self._encoder)
-                custom_rows = np.flatnonzero(batch.numbers < 0)
-                ids = [batch.row_id(int(r)) for r in custom_rows]
         if not batch.rows:
             return batch
         insert = store.observation_batches.insert().returning(store.observation_batches.c.id)
         batch.id = int(conn.execute(insert, values).scalar_one())
-        if ids:
-            conn.execute(store.observation_ids.insert(), batch.key_rows())
+        keys = batch.key_rows()
+        if keys:
+            conn.execute(store.observation_ids.insert(), keys)
         return batch
 
     def _stored_ids(self, conn: Connection, model: str, ids: list[str]) -> set[str]:

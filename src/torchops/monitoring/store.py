@@ -52,6 +52,7 @@ from torchops.registry.store import Json, UTCDateTime
 from torchops.types import Array, Signature
 
 __all__ = [
+    "ID_SPAN",
     "SCHEMA_VERSION",
     "ArrayEncoder",
     "Signatures",
@@ -68,6 +69,10 @@ __all__ = [
     "snapshots",
     "writer",
 ]
+
+#: a stored batch's generated request numbers span less than this (``id_hi - id_lo``), so
+#: a lookup reads only the batches whose ``id_lo`` is at most this far below the number
+ID_SPAN = 200_000
 
 #: layout of the monitoring tables, recorded in the registry's ``meta`` table
 SCHEMA_VERSION = 2
@@ -91,7 +96,8 @@ observation_batches = Table(
     Column("rows", Integer, nullable=False),
     Column("first_at", UTCDateTime, nullable=False),
     Column("last_at", UTCDateTime, nullable=False),
-    # server-generated request ids are "<id_prefix>-<n>": the batch holds n in id_lo..id_hi
+    # server-generated request ids are "<id_prefix>-<n>": the batch holds n in id_lo..id_hi,
+    # a range narrower than ID_SPAN (wider ones index their ids in observation_ids)
     Column("id_prefix", String(64)),
     Column("id_lo", BigInteger),
     Column("id_hi", BigInteger),
@@ -103,7 +109,7 @@ observation_batches = Table(
     Column("outputs", LargeBinary, nullable=False),
     Column("inputs", LargeBinary),
     Index("ix_observation_batches_model_version_id", "model", "version", "id"),
-    Index("ix_observation_batches_model_prefix_hi", "model", "id_prefix", "id_hi"),
+    Index("ix_observation_batches_model_prefix_lo", "model", "id_prefix", "id_lo"),
     Index("ix_observation_batches_last_at", "last_at"),
 )
 
