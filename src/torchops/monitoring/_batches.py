@@ -393,12 +393,11 @@ class Batch:
     def row_id(self, row: int) -> str:
         """The request id of row ``row``."""
         number = int(self.numbers[row])
-        base = f"{self.prefix}-{number}" if number >= 0 else self.custom[self.custom_index()[row]]
-        part = int(self.parts[row])
-        return base if part < 0 else f"{base}/{part}"
+        custom = self.custom[self.custom_index()[row]] if number < 0 else ""
+        return _name(self.prefix, number, custom, int(self.parts[row]))
 
     def row_ids(self) -> list[str]:
-        return [self.row_id(i) for i in range(self.rows)]
+        return _row_ids(self.prefix, self.numbers, self.parts, self.custom)
 
     def prediction(self, row: int) -> Any:
         if self.given is not None:
@@ -463,14 +462,24 @@ class Batch:
 def stored_row_ids(prefix: str | None, ids: bytes, custom_ids: str | None) -> list[str]:
     """The request ids of a stored batch's rows from its ``ids`` and ``custom_ids`` only."""
     arrays = decode_arrays(ids)
-    custom = iter(orjson.loads(custom_ids) if custom_ids else ())
     numbers = arrays["numbers"]
     parts = arrays.get("parts", np.full(numbers.shape[0], -1, np.int32))
-    result = []
-    for number, part in zip(numbers.tolist(), parts.tolist(), strict=True):
-        base = f"{prefix}-{number}" if number >= 0 else next(custom)
-        result.append(base if part < 0 else f"{base}/{part}")
-    return result
+    return _row_ids(prefix, numbers, parts, orjson.loads(custom_ids) if custom_ids else [])
+
+
+def _row_ids(prefix: str | None, numbers: Array, parts: Array, custom: list[str]) -> list[str]:
+    """Every row's request id; ``custom`` holds the ids of the rows numbered -1, in order."""
+    names = iter(custom)
+    return [
+        _name(prefix, number, next(names) if number < 0 else "", part)
+        for number, part in zip(numbers.tolist(), parts.tolist(), strict=True)
+    ]
+
+
+def _name(prefix: str | None, number: int, custom: str, part: int) -> str:
+    """A row's request id: ``<prefix>-<number>`` or the client's, with ``/<part>``."""
+    base = f"{prefix}-{number}" if number >= 0 else custom
+    return base if part < 0 else f"{base}/{part}"
 
 
 def layout(arrays: Mapping[str, Array] | None) -> tuple[tuple[str, Any, tuple[int, ...]], ...]:

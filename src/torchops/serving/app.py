@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import torchops
 from torchops.errors import InvalidInput, PayloadTooLarge, TorchopsError, Unavailable
+from torchops.serving._routes import guarded, to_response
 from torchops.serving.codec import json_object
 from torchops.serving.errors import Reply, error_reply, json_reply
 from torchops.serving.monitoring import add_monitoring_routes
@@ -84,13 +85,6 @@ _INFER_BODY: dict[str, Any] = {
     },
 }
 _AUTH: dict[str, Any] = {"security": [{"bearer": []}]}
-
-
-def _response(reply: Reply) -> Response:
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reply.headers}
-    return Response(
-        reply.body, reply.status, headers, media_type=reply.content_type.decode("latin-1")
-    )
 
 
 def _header(headers: Any, name: str) -> bytes | None:
@@ -242,10 +236,10 @@ def create_app(service: InferenceService) -> TorchopsApp:
 def _handlers(api: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return _response(json_reply({"error": str(exc.detail)}, exc.status_code))
+        return to_response(json_reply({"error": str(exc.detail)}, exc.status_code))
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
-        return _response(json_reply({"error": f"invalid request: {exc}"}, 400))
+        return to_response(json_reply({"error": f"invalid request: {exc}"}, 400))
 
     api.add_exception_handler(StarletteHTTPException, on_http_error)
     api.add_exception_handler(RequestValidationError, on_validation_error)
@@ -259,16 +253,9 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
             return manager.route(model)
         return await manager.version(model, parse_version(version))
 
-    async def guarded(request: Request, work: Callable[[], Awaitable[Reply]]) -> Response:
-        try:
-            return _response(await work())
-        except Exception as exc:
-            rid = request.headers.get("x-request-id") or service.ids.next()
-            return _response(error_reply(exc, rid, where=f"{request.method} {request.url.path}"))
-
     @api.get("/v2", tags=["health"], summary="Server metadata")
     async def server_metadata() -> Response:
-        return _response(
+        return to_response(
             json_reply(
                 {"name": "torchops", "version": torchops.__version__, "extensions": EXTENSIONS}
             )
@@ -276,22 +263,22 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
 
     @api.get("/v2/health/live", tags=["health"], summary="Liveness")
     async def live() -> Response:
-        return _response(json_reply({"live": True}))
+        return to_response(json_reply({"live": True}))
 
     @api.get("/v2/health/ready", tags=["health"], summary="Readiness (503 until ready)")
     async def ready() -> Response:
         if service.shutting_down:
-            return _response(json_reply({"error": "the server is shutting down"}, 503))
+            return to_response(json_reply({"error": "the server is shutting down"}, 503))
         if not manager.ready:
-            return _response(json_reply({"error": "the server is starting"}, 503))
-        return _response(json_reply({"ready": True}))
+            return to_response(json_reply({"error": "the server is starting"}, 503))
+        return to_response(json_reply({"ready": True}))
 
     async def metadata(request: Request, model: str, version: str | None) -> Response:
         async def work() -> Reply:
             target = await served(model, version)
             return json_reply(target.metadata(manager.served_versions(model)))
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     async def model_ready(request: Request, model: str, version: str | None) -> Response:
         async def work() -> Reply:
@@ -300,7 +287,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
                 raise Unavailable("the server is shutting down")
             return json_reply({"name": model, "version": target.version_str, "ready": True})
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     async def stats(request: Request, model: str | None, version: str | None) -> Response:
         async def work() -> Reply:
@@ -313,7 +300,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
                 targets = [(model, (await served(model, version)).version)]
             return json_reply({"model_stats": [model_stats(manager.metrics, *t) for t in targets]})
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     @api.get("/v2/models/stats", tags=["statistics"], summary="Statistics of every model")
     async def all_stats(request: Request) -> Response:
@@ -339,7 +326,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
         async def work() -> Reply:
             return json_reply((await served(model, version)).config())
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     @api.get("/v2/models/{model}/config", tags=["models"], summary="Triton-style model config")
     async def model_config(request: Request, model: str) -> Response:
@@ -364,7 +351,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
                 request.receive, _header(headers, "content-length"), service.max_body_bytes
             )
         except TorchopsError as exc:
-            return _response(error_reply(exc, where=f"POST {request.url.path}"))
+            return to_response(error_reply(exc, where=f"POST {request.url.path}"))
         reply = await service.infer(
             model,
             version,
@@ -374,7 +361,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
             _header(headers, "authorization"),
             _header(headers, "x-request-id"),
         )
-        return _response(reply)
+        return to_response(reply)
 
     extra = {"requestBody": _INFER_BODY}
 
@@ -404,7 +391,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
                     entries = [e for e in entries if e["state"] == "READY"]
             return json_reply(entries)
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     @api.post("/v2/repository/models/{model}/load", tags=["repository"], openapi_extra=_AUTH)
     async def load(request: Request, model: str) -> Response:
@@ -423,7 +410,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
             await manager.load(model)
             return json_reply({})
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     @api.post("/v2/repository/models/{model}/unload", tags=["repository"], openapi_extra=_AUTH)
     async def unload(request: Request, model: str) -> Response:
@@ -434,7 +421,7 @@ def _routes(api: FastAPI, service: InferenceService) -> None:
             await manager.unload(model)
             return json_reply({})
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     @api.get("/metrics", tags=["metrics"], summary="Prometheus metrics")
     async def metrics() -> Response:

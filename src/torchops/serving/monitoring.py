@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,8 +33,9 @@ from fastapi.responses import Response
 from torchops.errors import InvalidInput, Unavailable
 from torchops.monitoring.feedback import normalize_target
 from torchops.refs import validate_name
+from torchops.serving._routes import guarded
 from torchops.serving.codec import decode_request, json_object
-from torchops.serving.errors import Reply, error_reply, json_reply
+from torchops.serving.errors import Reply, json_reply
 from torchops.serving.service import InferenceService, parse_version
 
 if TYPE_CHECKING:
@@ -73,13 +73,6 @@ _FEEDBACK_BODY: dict[str, Any] = {
 _FRESH_TIMEOUT_S = 10.0
 
 
-def _response(reply: Reply) -> Response:
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reply.headers}
-    return Response(
-        reply.body, reply.status, headers, media_type=reply.content_type.decode("latin-1")
-    )
-
-
 def _errors(errors: list[tuple[int, str]]) -> list[dict[str, Any]]:
     return [{"index": i, "error": message} for i, message in errors]
 
@@ -91,13 +84,6 @@ def add_monitoring_routes(api: FastAPI, service: InferenceService) -> None:
         if service.monitor is None:
             raise Unavailable("monitoring is off on this server (it was started with --no-monitor)")
         return service.monitor
-
-    async def guarded(request: Request, work: Callable[[], Awaitable[Reply]]) -> Response:
-        try:
-            return _response(await work())
-        except Exception as exc:
-            rid = request.headers.get("x-request-id") or service.ids.next()
-            return _response(error_reply(exc, rid, where=f"{request.method} {request.url.path}"))
 
     @api.post(
         "/v2/models/{model}/feedback",
@@ -124,7 +110,7 @@ def add_monitoring_routes(api: FastAPI, service: InferenceService) -> None:
             result = await asyncio.to_thread(mon.add_feedback, model, data["id"], data["target"])
             return json_reply({"accepted": result.accepted, "errors": _errors(result.errors)})
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     @api.get(
         "/v2/models/{model}/alerts",
@@ -139,7 +125,7 @@ def add_monitoring_routes(api: FastAPI, service: InferenceService) -> None:
             validate_name(model)
             return json_reply(await asyncio.to_thread(mon.alert_summary, model))
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
     @api.get(
         "/v2/models/{model}/quality",
@@ -165,7 +151,7 @@ def add_monitoring_routes(api: FastAPI, service: InferenceService) -> None:
 
             return json_reply(await asyncio.to_thread(read))
 
-        return await guarded(request, work)
+        return await guarded(service.ids, request, work)
 
 
 async def _batch(mon: Monitor, model: str, items: Any) -> dict[str, Any]:
