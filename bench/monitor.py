@@ -46,6 +46,7 @@ from serve import (
     cpu_seconds,
     free_port,
     get,
+    launch,
     sample,
     wrk,
 )
@@ -60,20 +61,7 @@ def start(home: str, port: int, *flags: str) -> subprocess.Popen[bytes]:
         "taskset", "-c", SERVER_CPU, sys.executable, "-m", "torchops.serving", MODEL,
         "--home", home, "--port", str(port), "--threads=1", *flags,
     ]  # fmt: skip
-    log = Path(home) / f"server-{port}.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=out)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            get(f"http://127.0.0.1:{port}/v2/health/ready")
-            return server
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited; see {log}") from None
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("server did not become ready")
+    return launch(command, env, port, Path(home) / f"server-{port}.log")
 
 
 def metric(base: str, name: str) -> float:

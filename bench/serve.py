@@ -293,8 +293,15 @@ def start_server(home: str, name: str, port: int, http: str) -> subprocess.Popen
         f"--http={http}",
         "--threads=1",
     ]
-    with open(Path(home) / f"server-{name}-{http}.log", "wb") as log:
-        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    return launch(command, env, port, Path(home) / f"server-{name}-{http}.log")
+
+
+def launch(
+    command: list[str], env: dict[str, str], port: int, log: Path
+) -> subprocess.Popen[bytes]:
+    """Start a server (stderr to ``log``) and wait until it answers ready on ``port``."""
+    with log.open("wb") as out:
+        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=out)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -302,7 +309,7 @@ def start_server(home: str, name: str, port: int, http: str) -> subprocess.Popen
             return server
         except OSError:
             if server.poll() is not None:
-                raise RuntimeError(f"server exited; see {home}/server-{name}-{http}.log") from None
+                raise RuntimeError(f"server exited; see {log}") from None
             time.sleep(0.2)
     server.kill()
     raise RuntimeError("server did not become ready")
