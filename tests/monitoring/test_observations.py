@@ -541,3 +541,118 @@ def test_retention_by_count_trims_inside_a_batch_with_its_ids_and_feedback(
     got = observations.get("clf", "c4")
     assert got is not None and got.label == 2
     assert _count(engine, store.observation_ids) == 4 and _count(engine, store.feedback) == 1
+
+
+def _scores(rows: int, seed: int) -> dict[str, np.ndarray]:
+    return {"output": np.random.default_rng(seed).standard_normal((rows, 3)).astype(np.float32)}
+
+
+def _inputs(rows: int, start: int) -> dict[str, np.ndarray]:
+    return {"input": np.arange(start * 4, (start + rows) * 4, dtype=np.float32).reshape(rows, 4)}
+
+
+def test_server_rows_are_gathered_per_version_and_read_back_like_batches(
+    engine: Engine, classifier: ModelVersion
+) -> None:
+    rule = RowRule(classifier.signature, trusted=True)
+    assert rule.fixed
+    written: list[Batch] = []
+    writer = ObservationWriter(engine, id_prefix="srv", on_write=written.extend)
+    # model batch 1: requests 1 and 2, one row each
+    assert writer.put_rows(
+        "clf", 1, rule, [1, 2], None, [10.0, 10.25], 10.5, 1e9, _scores(2, 0), _inputs(2, 0)
+    )
+    # model batch 2: request 3 of two rows and a client-chosen id of one row
+    assert writer.put_rows(
+        "clf", 1, rule, [3, "client-1"], [2, 1], [11.0, 11.5], 12.0, 1e9 + 2, _scores(3, 1),
+        _inputs(3, 2),
+    )  # fmt: skip
+    # model batch 3: its inputs not kept (sampled out): stored apart from the others
+    assert writer.put_rows("clf", 1, rule, [4], None, [12.0], 12.5, 1e9 + 3, _scores(1, 2), None)
+    # before the writer runs, the buffered rows answer lookups like any others
+    assert writer.pending_versions("clf", ["srv-3/1", "client-1", "srv-4", "srv-3"]) == {
+        "srv-3/1": 1,
+        "client-1": 1,
+        "srv-4": 1,
+    }
+    pending = writer.pending("clf", "srv-3/0")
+    assert pending is not None and pending.latency_s == pytest.approx(1.0)
+    assert writer.pending_ids("clf") == {
+        "srv-1",
+        "srv-2",
+        "srv-3/0",
+        "srv-3/1",
+        "client-1",
+        "srv-4",
+    }
+    writer.flush()
+    assert [len(b) for b in written] == [5, 1]
+    assert _ids(written) == ["srv-1", "srv-2", "srv-3/0", "srv-3/1", "client-1", "srv-4"]
+    np.testing.assert_allclose(written[0].latency, [0.5, 0.25, 1.0, 1.0, 0.5])
+    np.testing.assert_array_equal(written[0].inputs["input"], _inputs(5, 0)["input"])  # type: ignore[index]
+    assert written[1].inputs is None
+    observations = ObservationStore(engine)
+    row = observations.get("clf", "srv-3/1")
+    scores = _scores(3, 1)["output"]
+    assert row is not None and row.at == datetime.fromtimestamp(1e9 + 2, UTC)
+    assert row.prediction == int(scores[1].argmax())
+    np.testing.assert_array_equal(row.inputs["input"], _inputs(1, 3)["input"])  # type: ignore[index]
+    # the writer took the gathered rows: what comes next is stored as a new batch
+    writer.put_rows("clf", 1, rule, [5], None, [13.0], 13.5, 1e9 + 4, _scores(1, 3), _inputs(1, 9))
+    writer.flush()
+    assert [len(b) for b in written] == [5, 1, 1]
+    page = observations.observations("clf")
+    assert [o.request_id for o in page.observations] == [
+        "srv-1", "srv-2", "srv-3/0", "srv-3/1", "client-1", "srv-4", "srv-5",
+    ]  # fmt: skip
+    assert writer.written == 7 and writer.dropped == 0
+
+
+def test_gathered_rows_respect_the_stored_batch_caps_and_the_buffer(
+    engine: Engine, classifier: ModelVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rule = RowRule(classifier.signature, trusted=True)
+    monkeypatch.setattr(observations_module, "MAX_STORED_ROWS", 4)
+    sizes: list[int] = []
+    writer = ObservationWriter(
+        engine, id_prefix="srv", max_buffer=7, on_write=lambda bs: sizes.extend(len(b) for b in bs)
+    )
+    for n in range(3):  # three model batches of two rows: the fourth row ends a stored batch
+        ok = writer.put_rows(
+            "clf", 1, rule, [2 * n, 2 * n + 1], None, [1.0, 1.0], 2.0, 1e9, _scores(2, n),
+            _inputs(2, 2 * n),
+        )  # fmt: skip
+        assert ok
+    # a fourth would make 8 rows buffered, more than max_buffer: dropped and counted
+    assert not writer.put_rows(
+        "clf", 1, rule, [6, 7], None, [1.0, 1.0], 2.0, 1e9, _scores(2, 3), _inputs(2, 6)
+    )
+    assert writer.dropped == 2 and writer.buffered == 6
+    writer.flush()
+    assert sizes == [4, 2]
+    assert [o.request_id for o in ObservationStore(engine).observations("clf").observations] == [
+        f"srv-{i}" for i in range(6)
+    ]
+    # a byte cap: 28 bytes a row (3 + 4 float32), at most 60 bytes per stored batch
+    monkeypatch.setattr(observations_module, "MAX_STORED_BYTES", 60)
+    sizes.clear()
+    for n in range(3):
+        writer.put_rows(
+            "clf", 1, rule, [10 + n], None, [1.0], 2.0, 1e9, _scores(1, n), _inputs(1, n)
+        )
+    writer.flush()
+    assert sizes == [2, 1]
+
+
+def test_rows_of_an_untrusted_rule_are_checked_like_any_batch(
+    engine: Engine, classifier: ModelVersion
+) -> None:
+    rule = RowRule(classifier.signature)  # not the server's: checked by the writer
+    writer = ObservationWriter(engine, id_prefix="srv")
+    assert writer.put_rows("clf", 1, rule, [1], None, [1.0], 2.0, 1e9, _scores(1, 0), _inputs(1, 0))
+    assert writer.put_rows(
+        "bad name!", 1, rule, [2], None, [1.0], 2.0, 1e9, _scores(1, 0), _inputs(1, 0)
+    )
+    writer.flush()
+    assert writer.written == 1 and writer.dropped == 1
+    assert ObservationStore(engine).get("clf", "srv-1") is not None

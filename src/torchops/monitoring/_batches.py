@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Batch",
+    "Capture",
     "Observation",
     "ObservedBatch",
     "Page",
@@ -114,6 +115,87 @@ class ObservedBatch:
         return len(self.request_ids) if self.rows is None else int(sum(self.rows))
 
 
+@dataclass(slots=True, eq=False)
+class Capture:
+    """Model batches of one version gathered into columns as they come: request ids and
+    start times in two lists, per model batch its finish times, request count and arrays.
+    The writer's observer path appends to one (``add``, a few list operations under the
+    writer's lock) instead of keeping an object per model batch; ``Batch.assemble`` makes
+    the stored columns from it. ``inputs`` is None when the batches keep none."""
+
+    model: str
+    version: int
+    rule: RowRule | None
+    inputs: list[Mapping[str, Array]] | None
+    ids: list[int | str] = field(default_factory=list)
+    started: list[float] = field(default_factory=list)
+    #: per model batch: when its outputs were ready (monotonic, epoch) and its requests
+    done: list[float] = field(default_factory=list)
+    at: list[float] = field(default_factory=list)
+    requests: list[int] = field(default_factory=list)
+    #: rows per request; None while every request has one
+    counts: list[int] | None = None
+    outputs: list[Mapping[str, Array]] = field(default_factory=list)
+    #: predicted rows and bytes of arrays held
+    size: int = 0
+    nbytes: int = 0
+
+    def add(
+        self,
+        ids: Sequence[int | str],
+        rows: Sequence[int] | None,
+        started: Sequence[float],
+        done: float,
+        at: float,
+        outputs: Mapping[str, Array],
+        inputs: Mapping[str, Array] | None,
+        size: int,
+        nbytes: int,
+    ) -> None:
+        """Append one model batch of ``size`` rows (``inputs`` given iff kept)."""
+        if rows is not None and self.counts is None:
+            self.counts = [1] * len(self.ids)
+        if self.counts is not None:
+            self.counts.extend(rows if rows is not None else [1] * len(ids))
+        self.ids.extend(ids)
+        self.started.extend(started)
+        self.done.append(done)
+        self.at.append(at)
+        self.requests.append(len(ids))
+        self.outputs.append(outputs)
+        if self.inputs is not None:
+            self.inputs.append(inputs)  # type: ignore[arg-type]
+        self.size += size
+        self.nbytes += nbytes
+
+    @classmethod
+    def of(cls, group: Sequence[ObservedBatch]) -> Capture:
+        """``group`` (same model, version and layout) in columns."""
+        first = group[0]
+        capture = cls(first.model, first.version, first.rule, None if first.inputs is None else [])
+        for b in group:
+            nbytes = sum(a.nbytes for a in (*b.outputs.values(), *(b.inputs or {}).values()))
+            capture.add(
+                b.request_ids, b.rows, b.started, b.done, b.at, b.outputs, b.inputs, b.size, nbytes
+            )
+        return capture
+
+    def batches(self) -> list[ObservedBatch]:
+        """The model batches again, one ``ObservedBatch`` each (a copy of the lists)."""
+        result: list[ObservedBatch] = []
+        start = 0
+        for index, n in enumerate(self.requests):
+            end = start + n
+            result.append(ObservedBatch(
+                self.model, self.version, self.ids[start:end],
+                None if self.counts is None else self.counts[start:end], self.at[index],
+                self.started[start:end], self.done[index], self.outputs[index],
+                None if self.inputs is None else self.inputs[index], self.rule,
+            ))  # fmt: skip
+            start = end
+        return result
+
+
 def parse_generated(request_id: str) -> tuple[str, int, int] | None:
     """``(prefix, n, part)`` of a request id shaped like a generated one (part -1: none)."""
     match = _GENERATED.match(request_id)
@@ -169,29 +251,26 @@ class Batch:
         cls, group: Sequence[ObservedBatch], prefix: str | None, encoder: ArrayEncoder
     ) -> Batch:
         """One batch from captures of the same model, version and layout."""
-        first = group[0]
-        ids: list[int | str] = []
-        started: list[float] = []
-        per_capture: list[tuple[float, float, int]] = []
-        counts: list[int] | None = None
-        for b in group:
-            ids.extend(b.request_ids)
-            started.extend(b.started)
-            per_capture.append((b.done, b.at, len(b.request_ids)))
-            if b.rows is not None and counts is None:
-                counts = [1] * (len(ids) - len(b.request_ids))
-            if counts is not None:
-                counts.extend(b.rows if b.rows is not None else [1] * len(b.request_ids))
-        done, at, requests = zip(*per_capture, strict=True)
-        latency = np.repeat(np.asarray(done), requests) - np.asarray(started)
-        at_requests = np.repeat(np.asarray(at, np.float64), requests)
-        if all(type(i) is int for i in ids):  # every id server-generated
+        batch = cls.assemble(Capture.of(group), prefix, encoder)
+        if group[0].rule is None:
+            batch._given(group)
+        return batch
+
+    @classmethod
+    def assemble(cls, capture: Capture, prefix: str | None, encoder: ArrayEncoder) -> Batch:
+        """The columns of ``capture`` (whose ``rule`` derives the predictions, if any)."""
+        ids, counts = capture.ids, capture.counts
+        requests = capture.requests
+        latency = np.repeat(np.asarray(capture.done), requests) - np.asarray(capture.started)
+        at_requests = np.repeat(np.asarray(capture.at, np.float64), requests)
+        kinds = set(map(type, ids))
+        if kinds <= {int}:  # every id server-generated
             per_request = np.fromiter(ids, np.int64, len(ids))
             if per_request.size and int(per_request.min()) < 0:
                 raise InvalidInput("generated request numbers must be >= 0")
             custom_requests: list[str] = []
         else:
-            if any(type(i) is int and i < 0 for i in ids):
+            if int in kinds and any(type(i) is int and i < 0 for i in ids):
                 raise InvalidInput("generated request numbers must be >= 0")
             per_request = np.fromiter((i if type(i) is int else -1 for i in ids), np.int64)
             custom_requests = [i for i in ids if type(i) is not int]  # type: ignore[misc]
@@ -213,13 +292,13 @@ class Batch:
             at_rows = np.repeat(at_requests, count)
             latency_rows = np.repeat(latency, count)
         encoded: dict[str, bytearray] = {}
-        outputs = _stack([b.outputs for b in group], encoder, encoded, "outputs")
+        outputs = _stack(capture.outputs, encoder, encoded, "outputs")
         inputs = None
-        if first.inputs is not None:
-            inputs = _stack([b.inputs for b in group], encoder, encoded, "inputs")  # type: ignore[misc]
+        if capture.inputs is not None:
+            inputs = _stack(capture.inputs, encoder, encoded, "inputs")
         batch = cls(
-            first.model,
-            first.version,
+            capture.model,
+            capture.version,
             prefix if bool((numbers >= 0).any()) else None,
             numbers,
             parts,
@@ -231,10 +310,7 @@ class Batch:
             None,
         )
         batch.encoded = encoded
-        if first.rule is not None:
-            batch.rule = first.rule
-        else:
-            batch._given(group)
+        batch.rule = capture.rule
         return batch
 
     def _given(self, group: Sequence[ObservedBatch]) -> None:

@@ -286,10 +286,11 @@ class Monitor:
         being the numbers of server-generated ids (``writer.id_prefix``) or the clients' ids,
         the start times ``time.monotonic()`` values. It does no per-row work."""
         rule = self._rule(model, version, signature, trusted=True)
-        put = self.writer.put_batch
+        put = self.writer.put_rows
         opts = self.options
         sample = opts.input_sample_rate < 1.0 and rule.input_values > opts.max_input_values
         chance = self._random
+        monotonic, now = time.monotonic, time.time
 
         def observe(
             ids: Sequence[int | str],
@@ -299,10 +300,7 @@ class Monitor:
             outputs: Mapping[str, Array],
         ) -> None:
             kept = None if sample and chance() >= opts.input_sample_rate else inputs
-            put(ObservedBatch(
-                model, version, ids, rows, time.time(), started, time.monotonic(),
-                outputs, kept, rule,
-            ))  # fmt: skip
+            put(model, version, rule, ids, rows, started, monotonic(), now(), outputs, kept)
 
         return observe
 

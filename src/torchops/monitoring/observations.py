@@ -23,7 +23,7 @@ import logging
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from torchops.errors import InvalidInput, Unavailable
 from torchops.monitoring import store
 from torchops.monitoring._batches import (
     Batch,
+    Capture,
     Observation,
     ObservedBatch,
     Page,
@@ -42,6 +43,7 @@ from torchops.monitoring._batches import (
     parse_generated,
 )
 from torchops.monitoring._observation_store import ObservationStore
+from torchops.monitoring._record import RowRule
 from torchops.refs import validate_name
 from torchops.types import Array
 
@@ -116,12 +118,17 @@ class ObservationWriter:
         self.on_write = on_write
         self.seed = seed
         store.ensure_tables(engine)
-        self._queue: deque[ObservedBatch | _Marker] = deque()
+        self._queue: deque[ObservedBatch | Capture | _Marker] = deque()
+        # the capture each (model, version, rule, inputs kept) of ``put_rows`` appends to,
+        # until the writer takes it
+        self._open: dict[tuple[str, int, RowRule | None, bool], Capture] = {}
+        # bytes per row of each of those keys (their rules are fixed: every row the same)
+        self._row_bytes: dict[tuple[str, int, RowRule | None, bool], int] = {}
         # guards the row count and the hand-over from the queue to ``_inflight``;
         # ``pending`` reads both under it
         self._lock = threading.Lock()
         self._buffered = 0
-        self._inflight: list[ObservedBatch] = []
+        self._inflight: list[ObservedBatch | Capture] = []
         self._drain_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,6 +162,62 @@ class ObservationWriter:
                 wake = self._buffered >= self.batch_size
         if full:
             self._drop({batch.model: rows})
+            return False
+        if wake and not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def put_rows(
+        self,
+        model: str,
+        version: int,
+        rule: RowRule,
+        ids: Sequence[int | str],
+        rows: Sequence[int] | None,
+        started: Sequence[float],
+        done: float,
+        at: float,
+        outputs: Mapping[str, Array],
+        inputs: Mapping[str, Array] | None,
+    ) -> bool:
+        """Buffer one model batch (the fields of ``ObservedBatch``) of a batcher whose
+        ``rule`` is trusted and fixed, as the server's observer does: appended to the
+        version's open ``Capture``, a few list operations — no object kept per model batch.
+        Other rules go through ``put_batch``. False (and counted as dropped) when it does
+        not fit."""
+        if not (rule.trusted and rule.fixed):
+            batch = ObservedBatch(
+                model, version, ids, rows, at, started, done, outputs, inputs, rule
+            )  # fmt: skip
+            return self.put_batch(batch)
+        size = len(ids) if rows is None else sum(rows)
+        key: tuple[str, int, RowRule | None, bool] = (model, version, rule, inputs is None)
+        row_bytes = self._row_bytes.get(key)
+        if row_bytes is None:
+            held = sum(a.nbytes for a in (*outputs.values(), *(inputs or {}).values()))
+            row_bytes = held // max(1, size)
+            if size:
+                self._row_bytes[key] = row_bytes
+        nbytes = size * row_bytes
+        with self._lock:
+            if self._closed or self._buffered + size > self.max_buffer:
+                full = True
+            else:
+                full = False
+                capture = self._open.get(key)
+                if (
+                    capture is None
+                    or capture.size + size > MAX_STORED_ROWS
+                    or capture.nbytes + nbytes > MAX_STORED_BYTES
+                ):
+                    capture = Capture(model, version, rule, None if inputs is None else [])
+                    self._open[key] = capture
+                    self._queue.append(capture)
+                capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
+                self._buffered += size
+                wake = self._buffered >= self.batch_size
+        if full:
+            self._drop({model: size})
             return False
         if wake and not self._wake.is_set():
             self._wake.set()
@@ -279,13 +342,16 @@ class ObservationWriter:
         return None
 
     def _pending_batches(self, model: str) -> list[ObservedBatch]:
-        with self._lock:
-            # deque.copy runs in C without releasing the GIL: a consistent snapshot
-            queued = self._queue.copy()
-            inflight = list(self._inflight)
-        return [
-            b for b in (*queued, *inflight) if isinstance(b, ObservedBatch) and b.model == model
-        ]
+        found: list[ObservedBatch] = []
+        with self._lock:  # captures grow under it: their lists are copied under it too
+            for item in (*self._queue, *self._inflight):
+                if isinstance(item, _Marker) or item.model != model:
+                    continue
+                if isinstance(item, Capture):
+                    found.extend(item.batches())
+                else:
+                    found.append(item)
+        return found
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -351,8 +417,8 @@ class ObservationWriter:
                     for marker in markers:
                         marker.done.set()
 
-    def _take(self) -> tuple[list[ObservedBatch], list[_Marker]]:
-        taken: list[ObservedBatch] = []
+    def _take(self) -> tuple[list[ObservedBatch | Capture], list[_Marker]]:
+        taken: list[ObservedBatch | Capture] = []
         markers: list[_Marker] = []
         queue = self._queue
         with self._lock:
@@ -362,16 +428,26 @@ class ObservationWriter:
                 if isinstance(item, _Marker):
                     markers.append(item)
                     break  # what came before the marker is written before it is set
+                if isinstance(item, Capture):  # closed: rows from now on go to a new one
+                    key = (item.model, item.version, item.rule, item.inputs is None)
+                    if self._open.get(key) is item:
+                        del self._open[key]
                 taken.append(item)
                 self._buffered -= item.size
         return taken, markers
 
-    def _write(self, taken: list[ObservedBatch]) -> None:
+    def _write(self, taken: list[ObservedBatch | Capture]) -> None:
         kept: list[Batch] = []
-        for group in self._groups(taken):
-            model, rows = group[0].model, _rows(group)
+        parts: list[Capture | list[ObservedBatch]] = [t for t in taken if isinstance(t, Capture)]
+        parts.extend(self._groups([t for t in taken if not isinstance(t, Capture)]))
+        for part in parts:
             try:
-                batch = Batch.build(group, self.id_prefix, self._encoder)
+                if isinstance(part, Capture):
+                    model, rows = part.model, part.size
+                    batch = Batch.assemble(part, self.id_prefix, self._encoder)
+                else:
+                    model, rows = part[0].model, _rows(part)
+                    batch = Batch.build(part, self.id_prefix, self._encoder)
                 values = batch.encode(self._encoder)
             except Exception as exc:  # e.g. arrays safetensors cannot hold: these alone
                 log.warning("dropping %d observations of %s: %s", rows, model, exc)

@@ -405,17 +405,19 @@ class Batcher:
         if observer is None:
             return
         ids = [p.request_id for p in live]
+        counts = [p.rows for p in live]
         if None in ids:  # not named: not observed
             if len(live) == 1:
                 return
-            mask = np.repeat([i is not None for i in ids], [p.rows for p in live])
+            mask = np.repeat([i is not None for i in ids], counts)
             inputs = {k: v[mask] for k, v in inputs.items()}
             outputs = {k: v[mask] for k, v in outputs.items()}
             live = [p for p in live if p.request_id is not None]
             if not live:
                 return
             ids = [p.request_id for p in live]
-        rows = [p.rows for p in live] if any(p.rows != 1 for p in live) else None
+            counts = [p.rows for p in live]
+        rows = None if counts.count(1) == len(counts) else counts
         try:
             observer(ids, rows, [p.started for p in live], inputs, outputs)  # type: ignore[arg-type]
         except Exception:  # observing must never fail a batch
