@@ -191,6 +191,9 @@ class ObservationWriter:
             )  # fmt: skip
             return self.put_batch(batch)
         size = len(ids) if rows is None else sum(rows)
+        # views of other objects (a runtime's torch tensors) are copied: a buffered tensor
+        # would be traversed by every garbage collection of the process until written
+        outputs = {k: v if v.base is None else np.array(v) for k, v in outputs.items()}
         key: tuple[str, int, RowRule | None, bool] = (model, version, rule, inputs is None)
         row_bytes = self._row_bytes.get(key)
         if row_bytes is None:
