@@ -3,15 +3,15 @@
 Usage: python bench/observations.py [--flushes N] [--requests-per-flush N] [--rows N]
                                     [--input-values N] [--classes N]
 
-Server batches (``ObservedBatch`` es of ``--rows`` requests, one row each, generated ids,
-``--input-values`` float32 inputs and ``--classes`` float32 scores per row) are put into a
-writer on a fresh SQLite database (WAL) and flushed ``--requests-per-flush`` at a time, as
-the server's writer thread would. It prints CPU µs (user + system, this process) per
-observation for:
+Server batches (``--rows`` requests, one row each, generated ids, ``--input-values``
+float32 inputs and ``--classes`` float32 scores per row) are put into a writer on a fresh
+SQLite database (WAL) with ``put_rows``, as the server's observer does, and flushed
+``--requests-per-flush`` at a time, as the server's writer thread would. It prints CPU µs
+(user + system, this process) per observation for:
 
-1. ``put_batch`` — what the request path pays, per batch and per row;
-2. the writer's flush — grouping, stacking the arrays into safetensors bytes, the columns,
-   and the insert;
+1. ``put_rows`` — what the batcher's thread pays, per batch and per row;
+2. the writer's flush — the columns, stacking the arrays into safetensors bytes, and the
+   insert;
 3. the floor: the same number of bytes inserted as one plain blob per flush with sqlite3
    on another fresh database (same page size and journal), in the same run.
 
@@ -96,7 +96,8 @@ def main() -> None:
         outputs=(TensorSpec("output", "float32", (-1, args.classes)),),
         task="classification",
     )
-    flushes = batches(args, RowRule(signature, trusted=True))  # as the server makes them
+    rule = RowRule(signature, trusted=True)  # as the server's monitor makes it
+    flushes = batches(args, rule)
     rows = sum(b.size for flush in flushes for b in flush)
     with tempfile.TemporaryDirectory(prefix="torchops-bench-observations-") as home:
         os.sync()
@@ -106,7 +107,10 @@ def main() -> None:
         for flush in flushes:
             start = cpu()
             for batch in flush:
-                writer.put_batch(batch)
+                writer.put_rows(
+                    batch.model, batch.version, rule, batch.request_ids, batch.rows,
+                    batch.started, batch.done, batch.at, batch.outputs, batch.inputs,
+                )  # fmt: skip
             put += cpu() - start
             start = cpu()
             writer.flush()
@@ -126,7 +130,7 @@ def main() -> None:
     print(f"{rows:,} observations in {len(flushes)} flushes of {args.requests_per_flush} "
           f"server batches of {args.rows} rows; {sum(stored_sizes) / rows:.0f} bytes stored "
           f"per observation")  # fmt: skip
-    print(f"put_batch (request path): {put * per_row:.3f} us/row "
+    print(f"put_rows (batcher):       {put * per_row:.3f} us/row "
           f"({put * 1e6 / (rows / args.rows):.2f} us per server batch)")  # fmt: skip
     print(f"writer flush:             {flush_time * per_row:.3f} us/row")
     print(f"floor (sqlite3 blob):     {base * per_row:.3f} us/row")
