@@ -361,6 +361,8 @@ def test_options_are_checked() -> None:
         MonitorOptions(input_sample_rate=1.5)
     with pytest.raises(InvalidInput):
         MonitorOptions(quality_window=0)
+    with pytest.raises(InvalidInput, match="max_buffer_bytes"):
+        MonitorOptions(max_buffer_bytes=0)
     with pytest.raises(InvalidInput):
         MonitorOptions(webhook_url="ftp://x")
     args = MonitorOptions(retention_days=2, webhook_url="http://h/x", leader=False).cli_args()

@@ -656,3 +656,29 @@ def test_rows_of_an_untrusted_rule_are_checked_like_any_batch(
     writer.flush()
     assert writer.written == 1 and writer.dropped == 1
     assert ObservationStore(engine).get("clf", "srv-1") is not None
+
+
+def test_the_buffer_is_bounded_by_bytes_as_well_as_rows(
+    engine: Engine, classifier: ModelVersion
+) -> None:
+    rule = RowRule(classifier.signature, trusted=True)
+    # 28 bytes a row (3 + 4 float32): three rows fit in 100 bytes, a fourth does not
+    writer = ObservationWriter(engine, id_prefix="srv", max_buffer_bytes=100)
+    ok = writer.put_rows(
+        "clf", 1, rule, [0, 1, 2], None, [1.0] * 3, 2.0, 1e9, _scores(3, 0), _inputs(3, 0)
+    )
+    assert ok
+    assert not writer.put_rows(
+        "clf", 1, rule, [3], None, [1.0], 2.0, 1e9, _scores(1, 1), _inputs(1, 3)
+    )
+    late = ObservedBatch("clf", 1, [4], None, 1e9, [1.0], 2.0, _scores(1, 2), _inputs(1, 4), rule)
+    assert not writer.put_batch(late)
+    assert writer.dropped == 2 and writer.buffered == 3
+    writer.flush()  # written: the bytes are free again
+    assert writer.put_rows(
+        "clf", 1, rule, [5, 6, 7], None, [1.0] * 3, 2.0, 1e9, _scores(3, 3), _inputs(3, 5)
+    )
+    writer.flush()
+    assert writer.written == 6 and writer.dropped == 2
+    with pytest.raises(InvalidInput, match="max_buffer_bytes"):
+        ObservationWriter(engine, max_buffer_bytes=0)

@@ -103,6 +103,8 @@ class MonitorOptions:
     TensorBoard, alerts and retention to it; ``peer_grace_s`` is how long feedback for an
     unknown request id waits for the other workers to write their buffered predictions
     before it is refused (0 for a single process, whose buffer is checked directly).
+    ``max_buffer`` (rows) and ``max_buffer_bytes`` (bytes of arrays) bound the observations
+    waiting to be written: past either, new ones are dropped and counted.
     """
 
     input_sample_rate: float = 1.0
@@ -116,6 +118,7 @@ class MonitorOptions:
     poll_interval_s: float = 0.5
     retention_interval_s: float = 600.0
     max_buffer: int = 100_000
+    max_buffer_bytes: int = 256 * 1024 * 1024
     max_input_values: int = 4096
     tensorboard: bool = True
     leader: bool = True
@@ -125,7 +128,7 @@ class MonitorOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.input_sample_rate <= 1.0:
             raise InvalidInput(f"input sample rate must be in [0, 1], got {self.input_sample_rate}")
-        for name in ("quality_window", "drift_window", "max_buffer"):
+        for name in ("quality_window", "drift_window", "max_buffer", "max_buffer_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
@@ -199,6 +202,7 @@ class Monitor:
         self.writer = ObservationWriter(
             engine,
             max_buffer=opts.max_buffer,
+            max_buffer_bytes=opts.max_buffer_bytes,
             on_drop=self.prometheus.dropped,
             on_write=self._on_write,
         )

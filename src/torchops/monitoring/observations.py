@@ -73,7 +73,9 @@ class _Marker:
 class ObservationWriter:
     """A bounded buffer of observed batches and the thread that stores them.
 
-    ``max_buffer`` and ``batch_size`` count rows (predictions). ``id_prefix`` is the prefix
+    ``max_buffer`` and ``batch_size`` count rows (predictions); ``max_buffer_bytes`` bounds
+    the bytes of the arrays buffered (large inputs such as images fill it long before
+    ``max_buffer`` rows). ``id_prefix`` is the prefix
     of the server's generated request ids (``<prefix>-<n>``): batches name such requests
     by ``n`` alone. ``on_drop(model, count)`` is called for observations that are dropped
     (buffer full, writer closed, a duplicate request id, or a batch the database refused);
@@ -86,6 +88,7 @@ class ObservationWriter:
         engine: Engine,
         *,
         max_buffer: int = 100_000,
+        max_buffer_bytes: int = 256 * 1024 * 1024,
         batch_size: int = 10_000,
         flush_interval_s: float = 0.2,
         input_sample_rate: float = 1.0,
@@ -95,9 +98,10 @@ class ObservationWriter:
         on_write: Callable[[Sequence[Batch]], None] | None = None,
         seed: int | None = None,
     ) -> None:
-        if max_buffer < 1 or batch_size < 1:
+        if max_buffer < 1 or batch_size < 1 or max_buffer_bytes < 1:
             raise InvalidInput(
-                f"max_buffer and batch_size must be at least 1, got {max_buffer}, {batch_size}"
+                "max_buffer, max_buffer_bytes and batch_size must be at least 1, got "
+                f"{max_buffer}, {max_buffer_bytes}, {batch_size}"
             )
         if not flush_interval_s > 0:
             raise InvalidInput(f"flush_interval_s must be positive, got {flush_interval_s}")
@@ -109,6 +113,7 @@ class ObservationWriter:
             raise InvalidInput(f"id_prefix must be 1-64 characters, got {id_prefix!r}")
         self.engine = engine
         self.max_buffer = max_buffer
+        self.max_buffer_bytes = max_buffer_bytes
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.input_sample_rate = input_sample_rate
@@ -128,6 +133,7 @@ class ObservationWriter:
         # ``pending`` reads both under it
         self._lock = threading.Lock()
         self._buffered = 0
+        self._buffered_bytes = 0
         self._inflight: list[ObservedBatch | Capture] = []
         self._drain_lock = threading.Lock()
         self._wake = threading.Event()
@@ -152,12 +158,18 @@ class ObservationWriter:
     def put_batch(self, batch: ObservedBatch) -> bool:
         """Buffer ``batch`` for writing; False (and counted as dropped) when it does not fit."""
         rows = len(batch.request_ids) if batch.rows is None else sum(batch.rows)
+        nbytes = _nbytes(batch)
         with self._lock:
-            if self._closed or self._buffered + rows > self.max_buffer:
+            if (
+                self._closed
+                or self._buffered + rows > self.max_buffer
+                or self._buffered_bytes + nbytes > self.max_buffer_bytes
+            ):
                 full = True
             else:
                 full = False
                 self._buffered += rows
+                self._buffered_bytes += nbytes
                 self._queue.append(batch)
                 wake = self._buffered >= self.batch_size
         if full:
@@ -203,7 +215,11 @@ class ObservationWriter:
                 self._row_bytes[key] = row_bytes
         nbytes = size * row_bytes
         with self._lock:
-            if self._closed or self._buffered + size > self.max_buffer:
+            if (
+                self._closed
+                or self._buffered + size > self.max_buffer
+                or self._buffered_bytes + nbytes > self.max_buffer_bytes
+            ):
                 full = True
             else:
                 full = False
@@ -218,6 +234,7 @@ class ObservationWriter:
                     self._queue.append(capture)
                 capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
                 self._buffered += size
+                self._buffered_bytes += nbytes
                 wake = self._buffered >= self.batch_size
         if full:
             self._drop({model: size})
@@ -437,6 +454,7 @@ class ObservationWriter:
                         del self._open[key]
                 taken.append(item)
                 self._buffered -= item.size
+                self._buffered_bytes -= item.nbytes if isinstance(item, Capture) else _nbytes(item)
         return taken, markers
 
     def _write(self, taken: list[ObservedBatch | Capture]) -> None:
@@ -584,8 +602,12 @@ class ObservationWriter:
 
 
 def _nbytes(batch: ObservedBatch) -> int:
-    total = sum(a.nbytes for a in batch.outputs.values())
-    return total + sum(a.nbytes for a in (batch.inputs or {}).values())
+    """Bytes of the batch's arrays (what is not an array counts 0: checked when written)."""
+    try:
+        arrays = (*batch.outputs.values(), *(batch.inputs or {}).values())
+        return sum(int(getattr(a, "nbytes", 0)) for a in arrays)
+    except (AttributeError, TypeError, ValueError):
+        return 0
 
 
 def _rows(batches: Sequence[ObservedBatch]) -> int:
