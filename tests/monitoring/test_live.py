@@ -4,7 +4,8 @@ import time
 
 import numpy as np
 
-from torchops.monitoring._batches import Batch, ObservedBatch
+from torchops.monitoring._batches import Batch
+from torchops.monitoring._capture import ObservedBatch
 from torchops.monitoring._live import LiveVersion
 from torchops.monitoring._record import RowRule
 from torchops.monitoring.drift import DriftConfig

@@ -21,7 +21,8 @@ from sqlalchemy import Connection, Engine, func, select
 
 from torchops.errors import InvalidInput
 from torchops.monitoring import store
-from torchops.monitoring._batches import Batch, Observation, Page, parse_generated, stored_row_ids
+from torchops.monitoring._batches import Batch, Observation, Page, stored_row_ids
+from torchops.monitoring._capture import parse_generated
 from torchops.monitoring._record import RowRule
 from torchops.packaging import decode_arrays
 from torchops.refs import validate_name

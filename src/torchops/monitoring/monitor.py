@@ -52,7 +52,8 @@ from prometheus_client import CollectorRegistry
 
 from torchops.config import Settings
 from torchops.errors import InvalidInput, NotFound, TorchopsError
-from torchops.monitoring._batches import Batch, Observation, ObservedBatch
+from torchops.monitoring._batches import Batch, Observation
+from torchops.monitoring._capture import ObservedBatch
 from torchops.monitoring._labels import Labeller
 from torchops.monitoring._live import LiveVersion
 from torchops.monitoring._publish import DRIFT_METRICS, Publisher

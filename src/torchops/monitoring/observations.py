@@ -1,15 +1,17 @@
 """Observations: every prediction as the monitor sees it, written off the request path.
 
-``ObservationWriter.put_batch`` is what the server calls, once per model batch, from the
+``ObservationWriter.put_rows`` is what the server calls, once per model batch, from the
 batcher's compute thread: the stacked inputs and outputs the model saw and the requests'
-ids and start times, appended to a deque — no per-row work, no encode, no database call.
-A background thread takes the buffer every ``flush_interval_s`` (or sooner once
-``batch_size`` rows wait), groups it by model, version and array layout, and stores each
-group as one row of columns (``torchops.monitoring._batches``): the cost of storing an
-observation is a share of one insert and a copy of its bytes. A full buffer drops the
-observations and counts them (``dropped``, ``on_drop``) rather than slowing requests.
+ids and start times, appended to the version's open ``Capture`` — no per-row work, no
+encode, no database call. A background thread takes the buffer every
+``flush_interval_s`` (or sooner once ``batch_size`` rows wait) and stores each capture
+as one row of columns (``torchops.monitoring._batches``): the cost of storing an
+observation is a share of one insert and a copy of its bytes. A full buffer (rows or
+bytes) drops the observations and counts them (``dropped``, ``on_drop``) rather than
+slowing requests.
 
-``put`` takes a single ``Observation`` (its ``prediction`` and ``proba`` as given) for
+``put_batch`` takes an ``ObservedBatch`` (checked, and grouped by layout when written) and
+``put`` a single ``Observation`` (its ``prediction`` and ``proba`` as given), for
 callers outside the server. Request ids must be unique per model: a client-chosen id
 that is already stored is dropped (the first observation wins) and counted.
 
@@ -32,15 +34,14 @@ from sqlalchemy import Connection, Engine, select, text
 
 from torchops.errors import InvalidInput, Unavailable
 from torchops.monitoring import store
-from torchops.monitoring._batches import (
-    Batch,
+from torchops.monitoring._batches import Batch, Observation, Page
+from torchops.monitoring._capture import (
     Capture,
-    Observation,
     ObservedBatch,
-    Page,
+    buffered_versions,
     check,
+    find_row,
     layout,
-    parse_generated,
 )
 from torchops.monitoring._observation_store import ObservationStore
 from torchops.monitoring._record import RowRule
@@ -295,7 +296,7 @@ class ObservationWriter:
     def pending(self, model: str, request_id: str) -> Observation | None:
         """The buffered or in-flight observation ``request_id`` of ``model``, if any."""
         for batch in self._pending_batches(model):
-            row = self._find(batch, request_id)
+            row = find_row(batch, request_id, self.id_prefix)
             if row is not None:
                 return Batch.build([batch], self.id_prefix, self._encoder).observation(row)
         return None
@@ -312,54 +313,7 @@ class ObservationWriter:
         wanted = set(request_ids)
         if not wanted:
             return {}
-        found: dict[str, int] = {}
-        batches = self._pending_batches(model)
-        if not batches:
-            return found
-        numbers: dict[int, list[tuple[str, int]]] = {}
-        names: dict[str, list[tuple[str, int]]] = {}
-        for rid in wanted:
-            part = -1
-            base = rid
-            slash = rid.rfind("/")
-            if slash > 0 and rid[slash + 1 :].isdigit():
-                base, part = rid[:slash], int(rid[slash + 1 :])
-            names.setdefault(base, []).append((rid, part))
-            parsed = parse_generated(rid)
-            if parsed is not None and parsed[0] == self.id_prefix:
-                numbers.setdefault(parsed[1], []).append((rid, parsed[2]))
-        for batch in batches:
-            counts = batch.rows
-            for index, key in enumerate(batch.request_ids):
-                hits = numbers.get(key) if type(key) is int else names.get(key)  # type: ignore[arg-type]
-                if not hits:
-                    continue
-                count = 1 if counts is None else counts[index]
-                for rid, part in hits:
-                    if (part < 0 and count == 1) or (count > 1 and 0 <= part < count):
-                        found.setdefault(rid, batch.version)
-        return found
-
-    def _find(self, batch: ObservedBatch, request_id: str) -> int | None:
-        """The row of ``request_id`` in ``batch``, if it is there."""
-        parsed = parse_generated(request_id)
-        start = 0
-        for index, key in enumerate(batch.request_ids):
-            count = 1 if batch.rows is None else batch.rows[index]
-            for part in range(count) if count > 1 else (-1,):
-                if type(key) is int:
-                    hit = (
-                        parsed is not None
-                        and parsed[0] == self.id_prefix
-                        and parsed[1] == key
-                        and parsed[2] == part
-                    )
-                else:
-                    hit = request_id == (key if part < 0 else f"{key}/{part}")
-                if hit:
-                    return start + max(part, 0)
-            start += count
-        return None
+        return buffered_versions(self._pending_batches(model), wanted, self.id_prefix)
 
     def _pending_batches(self, model: str) -> list[ObservedBatch]:
         found: list[ObservedBatch] = []
