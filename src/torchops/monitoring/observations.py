@@ -159,26 +159,7 @@ class ObservationWriter:
     def put_batch(self, batch: ObservedBatch) -> bool:
         """Buffer ``batch`` for writing; False (and counted as dropped) when it does not fit."""
         rows = len(batch.request_ids) if batch.rows is None else sum(batch.rows)
-        nbytes = _nbytes(batch)
-        with self._lock:
-            if (
-                self._closed
-                or self._buffered + rows > self.max_buffer
-                or self._buffered_bytes + nbytes > self.max_buffer_bytes
-            ):
-                full = True
-            else:
-                full = False
-                self._buffered += rows
-                self._buffered_bytes += nbytes
-                self._queue.append(batch)
-                wake = self._buffered >= self.batch_size
-        if full:
-            self._drop({batch.model: rows})
-            return False
-        if wake and not self._wake.is_set():
-            self._wake.set()
-        return True
+        return self._admit(batch.model, rows, _nbytes(batch), lambda: self._queue.append(batch))
 
     def put_rows(
         self,
@@ -215,30 +196,39 @@ class ObservationWriter:
             if size:
                 self._row_bytes[key] = row_bytes
         nbytes = size * row_bytes
-        with self._lock:
+
+        def place() -> None:
+            capture = self._open.get(key)
             if (
-                self._closed
-                or self._buffered + size > self.max_buffer
-                or self._buffered_bytes + nbytes > self.max_buffer_bytes
+                capture is None
+                or capture.size + size > MAX_STORED_ROWS
+                or capture.nbytes + nbytes > MAX_STORED_BYTES
             ):
-                full = True
-            else:
-                full = False
-                capture = self._open.get(key)
-                if (
-                    capture is None
-                    or capture.size + size > MAX_STORED_ROWS
-                    or capture.nbytes + nbytes > MAX_STORED_BYTES
-                ):
-                    capture = Capture(model, version, rule, None if inputs is None else [])
-                    self._open[key] = capture
-                    self._queue.append(capture)
-                capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
-                self._buffered += size
+                capture = Capture(model, version, rule, None if inputs is None else [])
+                self._open[key] = capture
+                self._queue.append(capture)
+            capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
+
+        return self._admit(model, size, nbytes, place)
+
+    def _admit(self, model: str, rows: int, nbytes: int, place: Callable[[], None]) -> bool:
+        """Count ``rows`` (``nbytes`` of arrays) into the buffer and ``place`` them there,
+        under the lock; or drop and count them when the writer is closed or they do not
+        fit. Wakes the writer once ``batch_size`` rows wait."""
+        wake = False
+        with self._lock:
+            full = (
+                self._closed
+                or self._buffered + rows > self.max_buffer
+                or self._buffered_bytes + nbytes > self.max_buffer_bytes
+            )
+            if not full:
+                place()
+                self._buffered += rows
                 self._buffered_bytes += nbytes
                 wake = self._buffered >= self.batch_size
         if full:
-            self._drop({model: size})
+            self._drop({model: rows})
             return False
         if wake and not self._wake.is_set():
             self._wake.set()
