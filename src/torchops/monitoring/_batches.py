@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -127,9 +128,9 @@ class Batch:
         requests = capture.requests
         latency = np.repeat(np.asarray(capture.done), requests) - np.asarray(capture.started)
         at_requests = np.repeat(np.asarray(capture.at, np.float64), requests)
-        kinds = set(map(type, ids))
+        kinds = {int} if type(ids) is array else set(map(type, ids))
         if kinds <= {int}:  # every id server-generated
-            per_request = np.fromiter(ids, np.int64, len(ids))
+            per_request = np.array(ids, np.int64)
             if per_request.size and int(per_request.min()) < 0:
                 raise InvalidInput("generated request numbers must be >= 0")
             custom_requests: list[str] = []
