@@ -16,41 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
+from _models import LABELS, Mul, Slow, classifier
 from torchops.registry import Registry
 
-LABELS = ["cat", "dog", "emu"]
 START_TIMEOUT_S = 180
-
-
-class Mul(nn.Module):
-    def __init__(self, k: float) -> None:
-        super().__init__()
-        self.k = k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.k
-
-
-class Slow(nn.Module):
-    """Repeated matmuls: a call takes long enough to still be running when the test acts."""
-
-    def __init__(self, steps: int) -> None:
-        super().__init__()
-        self.steps = steps
-        self.w = nn.Parameter(torch.eye(256) * 0.5, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.repeat(1, 64)
-        for _ in range(self.steps):
-            y = torch.tanh(y @ self.w)
-        return x + y[:, :4] * 0.0
-
-
-def classifier() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Linear(4, 3).eval()
 
 
 def register_models(home: Path, *, slow_steps: int = 0) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from _models import LABELS, Mul, Slow, classifier
 from torchops.registry import Registry
 from torchops.serving.app import TorchopsApp, create_app
 from torchops.serving.auth import TokenAuth
@@ -19,18 +20,6 @@ from torchops.serving.manager import ModelManager
 from torchops.serving.service import InferenceService
 
 TOKEN = "test-token-0123456789"
-LABELS = ["cat", "dog", "emu"]
-
-
-class Mul(nn.Module):
-    """``x * k``: versions with different ``k`` answer differently and predictably."""
-
-    def __init__(self, k: float) -> None:
-        super().__init__()
-        self.k = k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.k
 
 
 class Fragile(nn.Module):
@@ -40,26 +29,6 @@ class Fragile(nn.Module):
         if bool((x > 100.0).any()):
             raise RuntimeError("fragile model cannot take values above 100")
         return x * 2.0
-
-
-class Slow(nn.Module):
-    """Takes a while per call (repeated matmuls), so requests queue behind it."""
-
-    def __init__(self, steps: int) -> None:
-        super().__init__()
-        self.steps = steps
-        self.w = nn.Parameter(torch.eye(256) * 0.5, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.repeat(1, 64)
-        for _ in range(self.steps):
-            y = torch.tanh(y @ self.w)
-        return x + y[:, :4] * 0.0
-
-
-def classifier() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Linear(4, 3).eval()
 
 
 def register_all(home: Path) -> None:
