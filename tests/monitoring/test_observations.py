@@ -86,6 +86,31 @@ def test_writer_thread_writes_and_flush_waits(
         writer.close()
 
 
+def test_the_writer_loop_leaves_rows_that_came_during_a_write_for_its_next_turn(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    stored: list[int] = []
+    arriving = [3, 6, 2]  # rows put while each write is under way
+
+    def during(batches: Sequence[Batch]) -> None:
+        stored.append(sum(len(b) for b in batches))
+        for i in range(arriving.pop(0) if arriving else 0):
+            writer.put(make_observation("clf", f"w{len(stored)}-{i}"))
+
+    writer = ObservationWriter(engine, batch_size=5, flush_interval_s=3600, on_write=during)
+    for i in range(2):
+        writer.put(make_observation("clf", f"r{i}"))
+    writer._drain(everything=False)  # one turn of the writer thread's loop
+    # the 3 rows that came during the write are fewer than batch_size: they wait
+    assert stored == [2] and writer.buffered == 3
+    writer._drain(everything=False)
+    # 6 came during that write: enough for a batch, so the loop went on, then left 2
+    assert stored == [2, 3, 6] and writer.buffered == 2
+    writer.flush()  # flush writes everything, whatever comes meanwhile
+    assert stored == [2, 3, 6, 2] and writer.buffered == 0
+    assert _rows(engine) == 13
+
+
 def test_full_buffer_drops_and_counts(engine: Engine, make_observation: MakeObservation) -> None:
     drops: list[tuple[str, int]] = []
     writer = ObservationWriter(

@@ -360,13 +360,17 @@ class ObservationWriter:
             self._wake.clear()
             stopping = self._stopping
             try:
-                self._drain()
+                self._drain(everything=stopping)
             except Exception:  # never let the thread die; the rows were already counted
                 log.exception("observation writer failed")
             if stopping:
                 return
 
-    def _drain(self) -> None:
+    def _drain(self, *, everything: bool = True) -> None:
+        """Write what is buffered: all of it (``flush``, ``close``), or, from the writer's
+        own loop, until no ``flush`` waits and fewer than ``batch_size`` rows are left:
+        rows that came during a write wait for the next interval rather than being
+        stored as one more small batch (each stored batch costs its transaction)."""
         with self._drain_lock:
             while True:
                 taken, markers = self._take()
@@ -380,6 +384,8 @@ class ObservationWriter:
                         self._inflight = []
                     for marker in markers:
                         marker.done.set()
+                if not (everything or markers or self._buffered >= self.batch_size):
+                    return
 
     def _take(self) -> tuple[list[ObservedBatch | Capture], list[_Marker]]:
         taken: list[ObservedBatch | Capture] = []
