@@ -11,6 +11,7 @@ import torch
 from sqlalchemy import Engine, Table, func, select
 
 from torchops.errors import InvalidInput, Unavailable
+from torchops.monitoring import _capture as capture_module
 from torchops.monitoring import observations as observations_module
 from torchops.monitoring import store
 from torchops.monitoring._batches import Batch
@@ -637,7 +638,7 @@ def test_gathered_rows_respect_the_stored_batch_caps_and_the_buffer(
     engine: Engine, classifier: ModelVersion, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rule = RowRule(classifier.signature, trusted=True)
-    monkeypatch.setattr(observations_module, "MAX_STORED_ROWS", 4)
+    monkeypatch.setattr(capture_module, "MAX_STORED_ROWS", 4)  # read by Tap.put
     sizes: list[int] = []
     writer = ObservationWriter(
         engine, id_prefix="srv", max_buffer=7, on_write=lambda bs: sizes.extend(len(b) for b in bs)
@@ -659,7 +660,7 @@ def test_gathered_rows_respect_the_stored_batch_caps_and_the_buffer(
         f"srv-{i}" for i in range(6)
     ]
     # a byte cap: 28 bytes a row (3 + 4 float32), at most 60 bytes per stored batch
-    monkeypatch.setattr(observations_module, "MAX_STORED_BYTES", 60)
+    monkeypatch.setattr(capture_module, "MAX_STORED_BYTES", 60)
     sizes.clear()
     for n in range(3):
         writer.put_rows(

@@ -144,6 +144,39 @@ def test_the_observer_sees_each_batch_once_with_its_named_requests(runtime: Runt
     np.testing.assert_array_equal(observed[3:], results[3]["y"])
 
 
+def test_the_observer_gets_row_counts_only_when_a_request_has_several(
+    runtime: Runtime,
+) -> None:
+    seen: list[tuple[list[Any], Any]] = []
+
+    def observer(ids: Any, rows: Any, started: Any, inputs: Any, outputs: Any) -> None:
+        seen.append((list(ids), rows))
+
+    batcher, _ = _batcher(runtime, max_batch_size=16, observer=observer)
+
+    async def batch(sizes: list[int], first: int) -> None:
+        tasks = [
+            asyncio.ensure_future(batcher.submit(_rows(n, seed=i), request_id=first + i))
+            for i, n in enumerate(sizes)
+        ]
+        await asyncio.sleep(0)
+        batcher.start()
+        await asyncio.gather(*tasks)
+
+    try:
+        _run(batch([1, 1, 1], 0))
+        _run(batch([2, 1], 10))
+    finally:
+        batcher.close()
+    assert seen == [([0, 1, 2], None), ([10, 11], [2, 1])]
+
+
+def test_an_empty_batch_is_refused() -> None:
+    batcher = Batcher(_runtime(Capped(), (-1, 3), (-1, 3)), model="m", version=1)
+    with pytest.raises(InvalidInput, match=r"empty batch \(0 rows\)"):
+        _run(batcher.submit({"x": np.zeros((0, 3), np.float32)}))
+
+
 def test_a_failing_observer_does_not_fail_the_batch(runtime: Runtime) -> None:
     def observer(*args: Any) -> None:
         raise RuntimeError("observer bug")

@@ -3,8 +3,9 @@
 ``ObservedBatch`` is one model batch: the requests' ids (the number ``n`` of a
 server-generated id ``<prefix>-<n>``, or the client's own id), their start times, and the
 stacked arrays the model saw and answered. ``Capture`` gathers the model batches of one
-version into columns as they come (the server's path: a few list operations per batch).
-``find_row`` and ``buffered_versions`` find request ids among buffered batches, for
+version into columns as they come; ``Tap`` is the server's way in, one per (model,
+version, rule): a model batch appended to the open capture under the writer's lock, a few
+list operations. ``find_row`` and ``buffered_versions`` find request ids among buffered batches, for
 feedback that arrives before its prediction is written.
 """
 
@@ -24,10 +25,14 @@ from torchops.types import Array
 
 if TYPE_CHECKING:
     from torchops.monitoring._record import RowRule
+    from torchops.monitoring.observations import ObservationWriter
 
 __all__ = [
+    "MAX_STORED_BYTES",
+    "MAX_STORED_ROWS",
     "Capture",
     "ObservedBatch",
+    "Tap",
     "buffered_versions",
     "check",
     "find_row",
@@ -35,6 +40,10 @@ __all__ = [
     "parse_generated",
 ]
 
+#: the most rows one stored batch holds (a read cursor counts rows within a batch in 20 bits)
+MAX_STORED_ROWS = 65_536
+#: the most array bytes one stored batch holds (SQLite and PostgreSQL cap a value at 1 GB)
+MAX_STORED_BYTES = 256 * 1024 * 1024
 #: a server-generated request id: ``<prefix>-<n>`` with an optional ``/<part>``
 _GENERATED = re.compile(r"^(.+)-(\d{1,18})(?:/(\d{1,9}))?$")
 
@@ -102,6 +111,8 @@ class Capture:
     #: predicted rows and bytes of arrays held
     size: int = 0
     nbytes: int = 0
+    #: set when the writer takes it: later rows go to a new capture
+    closed: bool = False
 
     def add(
         self,
@@ -165,6 +176,72 @@ class Capture:
             ))  # fmt: skip
             start = end
         return result
+
+
+class Tap:
+    """``ObservationWriter.put_rows`` for one (model, version, rule), with what it needs
+    at hand: the server's observer calls ``put`` once per model batch on the batcher's
+    thread, so it does only what the buffer's bounds need — a row count, a byte count
+    (every row of a fixed rule has the same size), a few appends under the writer's lock.
+    Rules that are not trusted and fixed go through ``put_batch`` (checked when written).
+    """
+
+    __slots__ = ("_captures", "_direct", "_row_bytes", "model", "rule", "version", "writer")
+
+    def __init__(self, writer: ObservationWriter, model: str, version: int, rule: RowRule):
+        self.writer = writer
+        self.model = model
+        self.version = version
+        self.rule = rule
+        self._direct = rule.trusted and rule.fixed
+        # per "inputs kept" (False, True): the open capture and the bytes of one row
+        self._captures: list[Capture | None] = [None, None]
+        self._row_bytes = [-1, -1]
+
+    def put(
+        self,
+        ids: Sequence[int | str],
+        rows: Sequence[int] | None,
+        started: Sequence[float],
+        done: float,
+        at: float,
+        outputs: Mapping[str, Array],
+        inputs: Mapping[str, Array] | None,
+    ) -> bool:
+        """Buffer one model batch; False (and counted as dropped) when it does not fit."""
+        writer = self.writer
+        if not self._direct:
+            batch = ObservedBatch(
+                self.model, self.version, ids, rows, at, started, done, outputs, inputs, self.rule
+            )  # fmt: skip
+            return writer.put_batch(batch)
+        size = len(ids) if rows is None else sum(rows)
+        # views of other objects (a runtime's torch tensors) are copied: a buffered tensor
+        # would be traversed by every garbage collection of the process until written
+        outputs = {k: v if v.base is None else np.array(v) for k, v in outputs.items()}
+        kept = inputs is not None
+        row_bytes = self._row_bytes[kept]
+        if row_bytes < 0:
+            held = sum(a.nbytes for a in (*outputs.values(), *(inputs or {}).values()))
+            row_bytes = held // max(1, size)
+            if size:
+                self._row_bytes[kept] = row_bytes
+        nbytes = size * row_bytes
+        with writer._lock:
+            fits = writer._fits(size, nbytes)
+            if fits:
+                capture = self._captures[kept]
+                if (
+                    capture is None
+                    or capture.closed
+                    or capture.size + size > MAX_STORED_ROWS
+                    or capture.nbytes + nbytes > MAX_STORED_BYTES
+                ):
+                    capture = Capture(self.model, self.version, self.rule, [] if kept else None)
+                    self._captures[kept] = capture
+                    writer._queue.append(capture)
+                capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
+        return writer._placed(self.model, size, fits)
 
 
 def parse_generated(request_id: str) -> tuple[str, int, int] | None:

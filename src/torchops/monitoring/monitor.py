@@ -291,7 +291,7 @@ class Monitor:
         being the numbers of server-generated ids (``writer.id_prefix``) or the clients' ids,
         the start times ``time.monotonic()`` values. It does no per-row work."""
         rule = self._rule(model, version, signature, trusted=True)
-        put = self.writer.put_rows
+        put = self.writer.tap(model, version, rule).put
         opts = self.options
         sample = opts.input_sample_rate < 1.0 and rule.input_values > opts.max_input_values
         chance = self._random
@@ -305,7 +305,7 @@ class Monitor:
             outputs: Mapping[str, Array],
         ) -> None:
             kept = None if sample and chance() >= opts.input_sample_rate else inputs
-            put(model, version, rule, ids, rows, started, monotonic(), now(), outputs, kept)
+            put(ids, rows, started, monotonic(), now(), outputs, kept)
 
         return observe
 

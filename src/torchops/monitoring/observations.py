@@ -1,9 +1,10 @@
 """Observations: every prediction as the monitor sees it, written off the request path.
 
-``ObservationWriter.put_rows`` is what the server calls, once per model batch, from the
-batcher's compute thread: the stacked inputs and outputs the model saw and the requests'
-ids and start times, appended to the version's open ``Capture`` — no per-row work, no
-encode, no database call. A background thread takes the buffer every
+``ObservationWriter.tap(model, version, rule).put`` is what the server calls (``put_rows``
+does the same for other callers), once per model batch, from the batcher's compute
+thread: the stacked inputs and outputs the model saw and the requests' ids and start
+times, appended to the version's open ``Capture`` — no per-row work, no encode, no
+database call. A background thread takes the buffer every
 ``flush_interval_s`` (or sooner once ``batch_size`` rows wait) and stores each capture
 as one row of columns (``torchops.monitoring._batches``): the cost of storing an
 observation is a share of one insert and a copy of its bytes. A full buffer (rows or
@@ -36,8 +37,11 @@ from torchops.errors import InvalidInput, Unavailable
 from torchops.monitoring import store
 from torchops.monitoring._batches import Batch, Observation, Page
 from torchops.monitoring._capture import (
+    MAX_STORED_BYTES,
+    MAX_STORED_ROWS,
     Capture,
     ObservedBatch,
+    Tap,
     buffered_versions,
     check,
     find_row,
@@ -48,14 +52,10 @@ from torchops.monitoring._record import RowRule
 from torchops.refs import validate_name
 from torchops.types import Array
 
-__all__ = ["Observation", "ObservationStore", "ObservationWriter", "ObservedBatch", "Page"]
+__all__ = ["Observation", "ObservationStore", "ObservationWriter", "ObservedBatch", "Page", "Tap"]
 
 log = logging.getLogger(__name__)
 
-#: the most rows one stored batch holds (a read cursor counts rows within a batch in 20 bits)
-MAX_STORED_ROWS = 65_536
-#: the most array bytes one stored batch holds (SQLite and PostgreSQL cap a value at 1 GB)
-MAX_STORED_BYTES = 256 * 1024 * 1024
 #: request ids checked for duplicates per query
 _LOOKUP_CHUNK = 500
 #: distinct from the other advisory lock keys
@@ -125,11 +125,8 @@ class ObservationWriter:
         self.seed = seed
         store.ensure_tables(engine)
         self._queue: deque[ObservedBatch | Capture | _Marker] = deque()
-        # the capture each (model, version, rule, inputs kept) of ``put_rows`` appends to,
-        # until the writer takes it
-        self._open: dict[tuple[str, int, RowRule | None, bool], Capture] = {}
-        # bytes per row of each of those keys (their rules are fixed: every row the same)
-        self._row_bytes: dict[tuple[str, int, RowRule | None, bool], int] = {}
+        # the ``Tap`` of each (model, version, rule) that ``put_rows`` was called with
+        self._taps: dict[tuple[str, int, RowRule], Tap] = {}
         # guards the row count and the hand-over from the queue to ``_inflight``;
         # ``pending`` reads both under it
         self._lock = threading.Lock()
@@ -159,7 +156,11 @@ class ObservationWriter:
     def put_batch(self, batch: ObservedBatch) -> bool:
         """Buffer ``batch`` for writing; False (and counted as dropped) when it does not fit."""
         rows = len(batch.request_ids) if batch.rows is None else sum(batch.rows)
-        return self._admit(batch.model, rows, _nbytes(batch), lambda: self._queue.append(batch))
+        with self._lock:
+            fits = self._fits(rows, _nbytes(batch))
+            if fits:
+                self._queue.append(batch)
+        return self._placed(batch.model, rows, fits)
 
     def put_rows(
         self,
@@ -174,63 +175,41 @@ class ObservationWriter:
         outputs: Mapping[str, Array],
         inputs: Mapping[str, Array] | None,
     ) -> bool:
-        """Buffer one model batch (the fields of ``ObservedBatch``) of a batcher whose
-        ``rule`` is trusted and fixed, as the server's observer does: appended to the
-        version's open ``Capture``, a few list operations — no object kept per model batch.
-        Other rules go through ``put_batch``. False (and counted as dropped) when it does
-        not fit."""
-        if not (rule.trusted and rule.fixed):
-            batch = ObservedBatch(
-                model, version, ids, rows, at, started, done, outputs, inputs, rule
-            )  # fmt: skip
-            return self.put_batch(batch)
-        size = len(ids) if rows is None else sum(rows)
-        # views of other objects (a runtime's torch tensors) are copied: a buffered tensor
-        # would be traversed by every garbage collection of the process until written
-        outputs = {k: v if v.base is None else np.array(v) for k, v in outputs.items()}
-        key: tuple[str, int, RowRule | None, bool] = (model, version, rule, inputs is None)
-        row_bytes = self._row_bytes.get(key)
-        if row_bytes is None:
-            held = sum(a.nbytes for a in (*outputs.values(), *(inputs or {}).values()))
-            row_bytes = held // max(1, size)
-            if size:
-                self._row_bytes[key] = row_bytes
-        nbytes = size * row_bytes
+        """Buffer one model batch (the fields of ``ObservedBatch``): ``tap(model, version,
+        rule).put(...)``. False (and counted as dropped) when it does not fit."""
+        return self.tap(model, version, rule).put(ids, rows, started, done, at, outputs, inputs)
 
-        def place() -> None:
-            capture = self._open.get(key)
-            if (
-                capture is None
-                or capture.size + size > MAX_STORED_ROWS
-                or capture.nbytes + nbytes > MAX_STORED_BYTES
-            ):
-                capture = Capture(model, version, rule, None if inputs is None else [])
-                self._open[key] = capture
-                self._queue.append(capture)
-            capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
+    def tap(self, model: str, version: int, rule: RowRule) -> Tap:
+        """The way in for the model batches of one batcher (the server's observer holds one
+        per version): ``Tap.put`` appends a batch to the version's open ``Capture``."""
+        key = (model, version, rule)
+        tap = self._taps.get(key)
+        if tap is None:
+            if len(self._taps) >= 1024:  # callers that make a rule per call
+                self._taps.clear()
+            tap = self._taps[key] = Tap(self, model, version, rule)
+        return tap
 
-        return self._admit(model, size, nbytes, place)
+    def _fits(self, rows: int, nbytes: int) -> bool:
+        """Count ``rows`` (``nbytes`` of arrays) into the buffer, if it is open and they fit;
+        the caller holds the lock and places them when this says they fit."""
+        if (
+            self._closed
+            or self._buffered + rows > self.max_buffer
+            or self._buffered_bytes + nbytes > self.max_buffer_bytes
+        ):
+            return False
+        self._buffered += rows
+        self._buffered_bytes += nbytes
+        return True
 
-    def _admit(self, model: str, rows: int, nbytes: int, place: Callable[[], None]) -> bool:
-        """Count ``rows`` (``nbytes`` of arrays) into the buffer and ``place`` them there,
-        under the lock; or drop and count them when the writer is closed or they do not
-        fit. Wakes the writer once ``batch_size`` rows wait."""
-        wake = False
-        with self._lock:
-            full = (
-                self._closed
-                or self._buffered + rows > self.max_buffer
-                or self._buffered_bytes + nbytes > self.max_buffer_bytes
-            )
-            if not full:
-                place()
-                self._buffered += rows
-                self._buffered_bytes += nbytes
-                wake = self._buffered >= self.batch_size
-        if full:
+    def _placed(self, model: str, rows: int, fits: bool) -> bool:
+        """After ``_fits`` (outside the lock): count the rows as dropped if they did not
+        fit, or wake the writer once ``batch_size`` rows wait."""
+        if not fits:
             self._drop({model: rows})
             return False
-        if wake and not self._wake.is_set():
+        if self._buffered >= self.batch_size and not self._wake.is_set():
             self._wake.set()
         return True
 
@@ -398,10 +377,8 @@ class ObservationWriter:
                 if isinstance(item, _Marker):
                     markers.append(item)
                     break  # what came before the marker is written before it is set
-                if isinstance(item, Capture):  # closed: rows from now on go to a new one
-                    key = (item.model, item.version, item.rule, item.inputs is None)
-                    if self._open.get(key) is item:
-                        del self._open[key]
+                if isinstance(item, Capture):  # rows from now on go to a new one
+                    item.closed = True
                 taken.append(item)
                 self._buffered -= item.size
                 self._buffered_bytes -= item.nbytes if isinstance(item, Capture) else _nbytes(item)

@@ -228,6 +228,8 @@ class Batcher:
                 f"model {self.model!r}: inputs must share their batch size (dim 0), got "
                 + (", ".join(f"{n!r} {list(a.shape)}" for n, a in inputs.items()) or "none")
             )
+        if rows == 0:  # every request has a row: a batch of n rows is n requests of one
+            raise InvalidInput(f"model {self.model!r}: empty batch (0 rows)")
         return rows
 
     async def drain(self, timeout: float | None = None) -> None:
@@ -377,7 +379,7 @@ class Batcher:
             self._stackable = False
             raise TorchopsError(f"model {self.model!r} outputs do not follow the batch size")
         if self.observer is not None:
-            self._observe(live, stacked, outputs)
+            self._observe(live, stacked, outputs, total)
         results: list[tuple[dict[str, Array] | None, BaseException | None]] = []
         start = 0
         for p in live:
@@ -394,30 +396,35 @@ class Batcher:
         if self.observer is not None and all(
             a.ndim and a.shape[0] == p.rows for a in outputs.values()
         ):
-            self._observe([p], p.inputs, outputs)
+            self._observe([p], p.inputs, outputs, p.rows)
         return outputs, None
 
     def _observe(
-        self, live: list[_Pending], inputs: Mapping[str, Array], outputs: Mapping[str, Array]
+        self,
+        live: list[_Pending],
+        inputs: Mapping[str, Array],
+        outputs: Mapping[str, Array],
+        total: int,
     ) -> None:
-        """Hand an answered batch to the observer (only requests that carry an id)."""
+        """Hand an answered batch of ``total`` rows to the observer (only requests that
+        carry an id)."""
         observer = self.observer
         if observer is None:
             return
         ids = [p.request_id for p in live]
-        counts = [p.rows for p in live]
         if None in ids:  # not named: not observed
             if len(live) == 1:
                 return
-            mask = np.repeat([i is not None for i in ids], counts)
+            mask = np.repeat([i is not None for i in ids], [p.rows for p in live])
             inputs = {k: v[mask] for k, v in inputs.items()}
             outputs = {k: v[mask] for k, v in outputs.items()}
             live = [p for p in live if p.request_id is not None]
             if not live:
                 return
             ids = [p.request_id for p in live]
-            counts = [p.rows for p in live]
-        rows = None if counts.count(1) == len(counts) else counts
+            total = sum(p.rows for p in live)
+        # one row per request (the usual case) needs no list of counts
+        rows = None if total == len(live) else [p.rows for p in live]
         try:
             observer(ids, rows, [p.started for p in live], inputs, outputs)  # type: ignore[arg-type]
         except Exception:  # observing must never fail a batch
