@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -632,6 +633,28 @@ def test_server_rows_are_gathered_per_version_and_read_back_like_batches(
         "srv-1", "srv-2", "srv-3/0", "srv-3/1", "client-1", "srv-4", "srv-5",
     ]  # fmt: skip
     assert writer.written == 7 and writer.dropped == 0
+
+
+def test_a_tap_lets_go_of_its_capture_once_the_writer_takes_it(
+    engine: Engine, classifier: ModelVersion
+) -> None:
+    rule = RowRule(classifier.signature, trusted=True)
+    writer = ObservationWriter(engine, id_prefix="srv")
+    tap = writer.tap("clf", 1, rule)
+    assert writer.tap("clf", 1, rule) is tap  # one per (model, version, rule)
+    inputs = _inputs(1, 0)
+    held = [weakref.ref(a) for a in inputs.values()]  # kept as given, not copied
+    assert tap.put([1], None, [1.0], 2.0, 1e9, _scores(1, 0), inputs)
+    del inputs
+    assert all(r() is not None for r in held)  # buffered
+    writer.flush()
+    # stored, and nothing keeps its arrays alive (a version that stops serving keeps its tap)
+    assert all(r() is None for r in held)
+    assert tap.put([2], None, [1.0], 2.0, 1e9, _scores(1, 1), _inputs(1, 1))
+    writer.flush()
+    assert [o.request_id for o in ObservationStore(engine).observations("clf").observations] == [
+        "srv-1", "srv-2",
+    ]  # fmt: skip
 
 
 def test_gathered_rows_respect_the_stored_batch_caps_and_the_buffer(

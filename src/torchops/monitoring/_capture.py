@@ -111,8 +111,8 @@ class Capture:
     #: predicted rows and bytes of arrays held
     size: int = 0
     nbytes: int = 0
-    #: set when the writer takes it: later rows go to a new capture
-    closed: bool = False
+    #: the tap that appends to it until the writer takes it
+    tap: Tap | None = None
 
     def add(
         self,
@@ -194,7 +194,8 @@ class Tap:
         self.version = version
         self.rule = rule
         self._direct = rule.trusted and rule.fixed
-        # per "inputs kept" (False, True): the open capture and the bytes of one row
+        # per "inputs kept" (False, True): the open capture (until the writer takes it)
+        # and the bytes of one row
         self._captures: list[Capture | None] = [None, None]
         self._row_bytes = [-1, -1]
 
@@ -233,15 +234,23 @@ class Tap:
                 capture = self._captures[kept]
                 if (
                     capture is None
-                    or capture.closed
                     or capture.size + size > MAX_STORED_ROWS
                     or capture.nbytes + nbytes > MAX_STORED_BYTES
                 ):
                     capture = Capture(self.model, self.version, self.rule, [] if kept else None)
+                    capture.tap = self
                     self._captures[kept] = capture
                     writer._queue.append(capture)
                 capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
         return writer._placed(self.model, size, fits)
+
+    def release(self, capture: Capture) -> None:
+        """Let go of ``capture`` (the writer has taken it; the caller holds the writer's
+        lock): later batches start a new one, and a tap whose version no longer serves
+        keeps no arrays alive."""
+        kept = capture.inputs is not None
+        if self._captures[kept] is capture:
+            self._captures[kept] = None
 
 
 def parse_generated(request_id: str) -> tuple[str, int, int] | None:

@@ -377,8 +377,9 @@ class ObservationWriter:
                 if isinstance(item, _Marker):
                     markers.append(item)
                     break  # what came before the marker is written before it is set
-                if isinstance(item, Capture):  # rows from now on go to a new one
-                    item.closed = True
+                if isinstance(item, Capture) and item.tap is not None:
+                    item.tap.release(item)  # rows from now on go to a new one
+                    item.tap = None
                 taken.append(item)
                 self._buffered -= item.size
                 self._buffered_bytes -= item.nbytes if isinstance(item, Capture) else _nbytes(item)
