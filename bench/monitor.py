@@ -9,11 +9,13 @@ Two servers over the same registry run side by side, pinned to the same CPU
 between turns the monitored server is given time to finish writing (its CPU until then
 counts) and the disk cache is synced, so no turn pays for the writeback of an earlier one's
 data. It prints req/s and
-server CPU per request of each turn, the median ratio on/off (target ≥ 95%), how many
-observations were stored and dropped, then the feedback ingestion rate: labels for stored
-predictions sent through ``POST /v2/models/mlp/feedback`` in the batch form.
+server CPU per request of each turn, the ratio on/off of the median throughputs (target
+≥ 95%) and the median of the paired ratios (each on turn against the off turn next to it
+in time, which cancels slow drifts of the machine's speed), how many observations were
+stored and dropped, then the feedback ingestion rate: labels for stored predictions sent
+through ``POST /v2/models/mlp/feedback`` in the batch form.
 
-Usage: python bench/monitor.py [--rounds 3] [--duration 8] [--warmup 3] [--conc 64]
+Usage: python bench/monitor.py [--rounds 6] [--duration 8] [--warmup 3] [--conc 64]
                                [--feedback 20000] [--feedback-batch 1000]
 Needs 2 CPUs and ``wrk``. Numbers are noisy when other work shares the machine; the load
 average is printed with them.
@@ -110,7 +112,7 @@ def feedback_rate(base: str, token: str, ids: list[str], batch: int) -> tuple[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=float, default=8)
     parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--conc", type=int, default=64)
@@ -169,7 +171,11 @@ def main() -> None:
         on = statistics.median(r for r, _ in rows["on"])
         cpu_off = statistics.median(c for _, c in rows["off"])
         cpu_on = statistics.median(c for _, c in rows["on"])
+        # in ABBA order, round t's two turns are next to each other in time
+        pairs = zip(rows["on"], rows["off"], strict=True)
+        paired = statistics.median(a[0] / b[0] for a, b in pairs)
         print(f"\nmonitoring on / off throughput: {on:,.0f} / {off:,.0f} req/s = {on / off:.1%}")
+        print(f"paired turns (on / the off turn next to it): median {paired:.1%}")
         print(f"server CPU per request: {cpu_on:.1f} / {cpu_off:.1f} us = {cpu_off / cpu_on:.1%}")
         print(f"observations stored {kept:,} of {answered:,.0f} answered ({dropped:,.0f} dropped)")
         token = (Path(home) / "token").read_text().strip()
