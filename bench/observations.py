@@ -5,11 +5,11 @@ Usage: python bench/observations.py [--flushes N] [--requests-per-flush N] [--ro
 
 Server batches (``--rows`` requests, one row each, generated ids, ``--input-values``
 float32 inputs and ``--classes`` float32 scores per row) are put into a writer on a fresh
-SQLite database (WAL) with ``put_rows``, as the server's observer does, and flushed
+SQLite database (WAL) through a ``Tap``, as the server's observer does, and flushed
 ``--requests-per-flush`` at a time, as the server's writer thread would. It prints CPU µs
 (user + system, this process) per observation for:
 
-1. ``put_rows`` — what the batcher's thread pays, per batch and per row;
+1. ``Tap.put`` — what the batcher's thread pays, per batch and per row;
 2. the writer's flush — the columns, stacking the arrays into safetensors bytes, and the
    insert;
 3. the floor: the same number of bytes inserted as one plain blob per flush with sqlite3
@@ -103,13 +103,14 @@ def main() -> None:
         os.sync()
         engine = connect(f"sqlite:///{home}/registry.db")
         writer = ObservationWriter(engine, id_prefix="bench", max_buffer=10**9)
+        tap = writer.tap("bench", 1, rule)
         put = flush_time = 0.0
         for flush in flushes:
             start = cpu()
             for batch in flush:
-                writer.put_rows(
-                    batch.model, batch.version, rule, batch.request_ids, batch.rows,
-                    batch.started, batch.done, batch.at, batch.outputs, batch.inputs,
+                tap.put(
+                    batch.request_ids, batch.rows, batch.started, batch.done, batch.at,
+                    batch.outputs, batch.inputs,
                 )  # fmt: skip
             put += cpu() - start
             start = cpu()
@@ -130,7 +131,7 @@ def main() -> None:
     print(f"{rows:,} observations in {len(flushes)} flushes of {args.requests_per_flush} "
           f"server batches of {args.rows} rows; {sum(stored_sizes) / rows:.0f} bytes stored "
           f"per observation")  # fmt: skip
-    print(f"put_rows (batcher):       {put * per_row:.3f} us/row "
+    print(f"Tap.put (batcher):        {put * per_row:.3f} us/row "
           f"({put * 1e6 / (rows / args.rows):.2f} us per server batch)")  # fmt: skip
     print(f"writer flush:             {flush_time * per_row:.3f} us/row")
     print(f"floor (sqlite3 blob):     {base * per_row:.3f} us/row")
