@@ -5,8 +5,8 @@ server-generated id ``<prefix>-<n>``, or the client's own id), their start times
 stacked arrays the model saw and answered. ``Capture`` gathers the model batches of one
 version into columns as they come; ``Tap`` is the server's way in, one per (model,
 version, rule): a model batch appended to the open capture under the writer's lock, a few
-list operations. ``find_row`` and ``buffered_versions`` find request ids among buffered batches, for
-feedback that arrives before its prediction is written.
+list operations. ``find_row`` and ``buffered_versions`` find request ids among buffered
+batches, for feedback that arrives before its prediction is written.
 """
 
 from __future__ import annotations

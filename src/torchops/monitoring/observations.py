@@ -125,7 +125,7 @@ class ObservationWriter:
         self.seed = seed
         store.ensure_tables(engine)
         self._queue: deque[ObservedBatch | Capture | _Marker] = deque()
-        # the ``Tap`` of each (model, version, rule) that ``put_rows`` was called with
+        # the ``Tap`` of each (model, version, rule) asked for (``tap``, ``put_rows``)
         self._taps: dict[tuple[str, int, RowRule], Tap] = {}
         # guards the row count and the hand-over from the queue to ``_inflight``;
         # ``pending`` reads both under it
