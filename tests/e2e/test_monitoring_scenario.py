@@ -189,12 +189,20 @@ def test_digits_scenario(
     ]
 
     # Prometheus: the monitoring gauges beside the serving metrics, labelled by version
-    text = client.get("/metrics").text
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = client.get("/metrics").text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    # every predicted row stored, none waiting or dropped
+    written = ("torchops_observations_written_total", ())
+    samples = _wait("every prediction to be stored", lambda: (m := scrape())[written] == sent and m)
+    assert samples[("torchops_observations_buffered", ())] == 0
+    assert samples[("torchops_observations_buffer_capacity", ())] > 0
+    assert not any(name == "torchops_observations_dropped_total" for name, _ in samples)
 
     def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
         return name, tuple(sorted({"model": "digits", "version": "1", **labels}.items()))

@@ -99,6 +99,31 @@ def test_dropped_observations_counter_is_fed_by_the_writer(
     assert _samples(registry)[("torchops_observations_dropped_total", (("model", "clf"),))] == 3
 
 
+def test_the_writers_counts_are_read_when_prometheus_scrapes(
+    engine: Engine, make_observation: MakeObservation
+) -> None:
+    registry = CollectorRegistry()
+    sink = PrometheusSink(registry)
+    writer = ObservationWriter(
+        engine, max_buffer=10, max_buffer_bytes=1 << 20, on_drop=sink.dropped
+    )  # not started: the rows wait until flushed
+    sink.follow(writer)
+    for i in range(12):
+        writer.put(make_observation("clf", f"r{i}"))
+    samples = _samples(registry)
+    assert samples[("torchops_observations_buffered", ())] == 10
+    assert samples[("torchops_observations_buffered_bytes", ())] == writer.buffered_bytes > 0
+    assert samples[("torchops_observations_buffer_capacity", ())] == 10
+    assert samples[("torchops_observations_buffer_capacity_bytes", ())] == 1 << 20
+    assert samples[("torchops_observations_written_total", ())] == 0
+    assert samples[("torchops_observations_dropped_total", (("model", "clf"),))] == 2
+    writer.flush()
+    samples = _samples(registry)
+    assert samples[("torchops_observations_written_total", ())] == 10
+    assert samples[("torchops_observations_buffered", ())] == 0
+    assert samples[("torchops_observations_buffered_bytes", ())] == 0
+
+
 def test_tensorboard_event_files_read_back(tmp_path: Path) -> None:
     sink = TensorBoardSink(tmp_path / "tb")
     rng = np.random.default_rng(0)

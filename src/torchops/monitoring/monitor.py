@@ -207,6 +207,7 @@ class Monitor:
             on_drop=self.prometheus.dropped,
             on_write=self._on_write,
         )
+        self.prometheus.follow(self.writer)
         self.observations = ObservationStore(engine)
         self.feedback = FeedbackStore(engine, self.writer)
         self.alerts = AlertStore(engine)

@@ -262,6 +262,11 @@ class ObservationWriter:
         """Observations waiting in the buffer (not counting those being written)."""
         return self._buffered
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of arrays waiting in the buffer (not counting those being written)."""
+        return self._buffered_bytes
+
     def pending(self, model: str, request_id: str) -> Observation | None:
         """The buffered or in-flight observation ``request_id`` of ``model``, if any."""
         for batch in self._pending_batches(model):

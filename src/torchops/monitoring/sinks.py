@@ -11,12 +11,14 @@ import contextlib
 import math
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from torchops.refs import validate_name
 from torchops.types import Array
@@ -25,8 +27,9 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
     from torchops.monitoring.drift import DriftReport
+    from torchops.monitoring.observations import ObservationWriter
 
-__all__ = ["PrometheusSink", "TensorBoardSink"]
+__all__ = ["PrometheusSink", "TensorBoardSink", "WriterCollector"]
 
 _LABELS = ("model", "version")
 #: quality key -> gauge name (ratios are unitless, errors in the target's unit)
@@ -152,6 +155,10 @@ class PrometheusSink:
         """Count dropped observations: pass as ``ObservationWriter(on_drop=sink.dropped)``."""
         self.observations_dropped.labels(model).inc(count)
 
+    def follow(self, writer: ObservationWriter) -> None:
+        """Expose ``writer``'s counts (``WriterCollector``) with the gauges."""
+        self.registry.register(WriterCollector(writer))
+
     def remove(self, model: str, version: int) -> None:
         """Forget every series of a version that is no longer served."""
         with self._lock:
@@ -164,6 +171,35 @@ class PrometheusSink:
         gauge.labels(*labels).set(float(value))
         with self._lock:
             self._series.setdefault((labels[0], labels[1]), set()).add((gauge, labels))
+
+
+class WriterCollector(Collector):
+    """An ``ObservationWriter``'s counts, read when Prometheus scrapes (nothing is counted
+    on the request path): observations stored, observations and array bytes waiting in
+    the buffer, and the buffer's bounds — past them, observations are dropped
+    (``torchops_observations_dropped_total``)."""
+
+    def __init__(self, writer: ObservationWriter) -> None:
+        self.writer = writer
+
+    def collect(self) -> Iterator[Metric]:
+        writer = self.writer
+        yield CounterMetricFamily(
+            "torchops_observations_written",
+            "Observations this process has stored in the metadata store.",
+            value=writer.written,
+        )
+        for name, doc, value in (
+            ("buffered", "Observations waiting to be stored.", writer.buffered),
+            ("buffered_bytes", "Bytes of arrays waiting to be stored.", writer.buffered_bytes),
+            ("buffer_capacity", "Observations the buffer holds at most.", writer.max_buffer),
+            (
+                "buffer_capacity_bytes",
+                "Bytes of arrays the buffer holds at most.",
+                writer.max_buffer_bytes,
+            ),
+        ):
+            yield GaugeMetricFamily(f"torchops_observations_{name}", doc, value=value)
 
 
 class TensorBoardSink:
