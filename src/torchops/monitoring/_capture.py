@@ -245,9 +245,10 @@ class Tap:
         return writer._placed(self.model, size, fits)
 
     def release(self, capture: Capture) -> None:
-        """Let go of ``capture`` (the writer has taken it; the caller holds the writer's
-        lock): later batches start a new one, and a tap whose version no longer serves
-        keeps no arrays alive."""
+        """Let go of ``capture`` and detach it (the writer has taken it; the caller holds
+        the writer's lock): later batches start a new one, and a tap whose version no
+        longer serves keeps no arrays alive."""
+        capture.tap = None
         kept = capture.inputs is not None
         if self._captures[kept] is capture:
             self._captures[kept] = None

@@ -384,7 +384,6 @@ class ObservationWriter:
                     break  # what came before the marker is written before it is set
                 if isinstance(item, Capture) and item.tap is not None:
                     item.tap.release(item)  # rows from now on go to a new one
-                    item.tap = None
                 taken.append(item)
                 self._buffered -= item.size
                 self._buffered_bytes -= item.nbytes if isinstance(item, Capture) else _nbytes(item)
