@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, Engine, func, select
 
-from torchops.errors import InvalidInput
+from torchops.errors import ArtifactCorrupted, InvalidInput
 from torchops.monitoring import store
 from torchops.monitoring._batches import Batch, Observation, Page, stored_row_ids
 from torchops.monitoring._capture import parse_generated
 from torchops.monitoring._record import RowRule
+from torchops.monitoring._segments import SegmentReader, segment_dir, sweep
 from torchops.packaging import decode_arrays
 from torchops.refs import validate_name
 from torchops.registry.store import utcnow
@@ -65,6 +66,8 @@ class ObservationStore:
         self._rules: dict[tuple[str, int], RowRule] = {}
         self._cache: OrderedDict[tuple[int, bool], Batch] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._segment_dir = segment_dir(engine)
+        self._segments = None if self._segment_dir is None else SegmentReader(self._segment_dir)
 
     def __repr__(self) -> str:
         return f"ObservationStore({self.engine!r}, join_grace_s={self.join_grace_s})"
@@ -286,7 +289,8 @@ class ObservationStore:
         ``max_rows`` of each model, with their feedback; returns how many were deleted.
 
         A stored batch whose rows are all past a limit is deleted whole; one with rows on
-        both sides is rewritten without them.
+        both sides is rewritten without them (its arrays inline). Segment files no stored
+        batch points at any more are deleted.
         """
         b = store.observation_batches
         deleted = 0
@@ -322,6 +326,8 @@ class ObservationStore:
             deleted += self._delete(sorted(doomed))
             for batch_id, keep in trims:
                 deleted += self._trim(batch_id, partial(_newest, keep=keep))
+        if self._segment_dir is not None:
+            sweep(self.engine, self._segment_dir)
         return deleted
 
     def _trim(self, batch_id: int, keep: Callable[[Batch], Array]) -> int:
@@ -341,6 +347,7 @@ class ObservationStore:
         trimmed = batch.keep(mask)
         trimmed.id = batch_id
         values = trimmed.encode(store.ArrayEncoder())
+        values.update(segment=None, segment_offset=None, outputs_size=None, inputs_size=None)
         with store.writer(self.engine).begin() as conn:
             conn.execute(b.update().where(b.c.id == batch_id).values(**values))
             conn.execute(keys.delete().where(keys.c.batch_id == batch_id))
@@ -422,6 +429,13 @@ class ObservationStore:
             rule = RowRule(signature) if signature is not None else None
             if rule is not None:
                 self._rules[key] = rule
+        if row.get("segment") is not None:
+            if self._segments is None:
+                raise ArtifactCorrupted(
+                    f"stored batch {row['id']} points at observation segment {row['segment']}, "
+                    "but this database has no segment directory"
+                )
+            row = self._segments.resolve(row, inputs=arrays)
         return Batch.decode(row, arrays=arrays, rule=rule)
 
     def _labels(self, conn: Connection, model: str, request_ids: Sequence[str]) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from torchops.monitoring._capture import (
 )
 from torchops.monitoring._observation_store import ObservationStore
 from torchops.monitoring._record import RowRule
+from torchops.monitoring._segments import SegmentWriter, segment_dir
 from torchops.refs import validate_name
 from torchops.types import Array
 
@@ -143,6 +144,9 @@ class ObservationWriter:
         self._rng = random.Random(seed)
         self._encoder = store.ArrayEncoder()
         self._valid_models: set[str] = set()
+        directory = segment_dir(engine)
+        # array bytes go to segment files beside a file-backed SQLite database
+        self._segments = None if directory is None else SegmentWriter(engine, directory)
 
     def __repr__(self) -> str:
         return (
@@ -335,6 +339,9 @@ class ObservationWriter:
             thread.join(timeout)
         if thread is None or not thread.is_alive():
             self._drain()
+            if self._segments is not None:
+                with self._drain_lock:
+                    self._segments.close()
 
     # -- the writer thread -------------------------------------------------------------
 
@@ -359,6 +366,8 @@ class ObservationWriter:
             while True:
                 taken, markers = self._take()
                 if not taken and not markers:
+                    if self._segments is not None:
+                        self._segments.tick()  # an idle writer's last bytes reach the disk
                     return
                 try:
                     if taken:
@@ -391,6 +400,8 @@ class ObservationWriter:
 
     def _write(self, taken: list[ObservedBatch | Capture]) -> None:
         kept: list[Batch] = []
+        if self._segments is not None:
+            self._segments.ready()  # outside the transactions: it may open a new segment
         parts: list[Capture | list[ObservedBatch]] = [t for t in taken if isinstance(t, Capture)]
         parts.extend(self._groups([t for t in taken if not isinstance(t, Capture)]))
         for part in parts:
@@ -416,6 +427,8 @@ class ObservationWriter:
             if batch.rows:
                 kept.append(batch)
         self._written += sum(b.rows for b in kept)
+        if self._segments is not None:
+            self._segments.tick()
         if self.on_write is not None and kept:
             try:
                 self.on_write(kept)
@@ -507,6 +520,8 @@ class ObservationWriter:
         # with an explicit RETURNING, SQLite wrote a statement journal (a temporary file
         # with the original of each page the insert changed) on every flush, 13-30% more
         # CPU per stored byte (measured)
+        if self._segments is not None and self._segments.open:
+            values.update(self._segments.append(values["outputs"], values["inputs"]))
         inserted = conn.execute(store.observation_batches.insert(), values).inserted_primary_key
         if inserted is None or inserted[0] is None:
             raise RuntimeError("the database did not report the id of the stored batch")

@@ -12,7 +12,10 @@ Observations are stored as batches, one row per batch of predictions a writer fl
 Feedback has its own table and is joined to observations by ``(model, request_id)`` on
 read, so a label that arrives before its observation is written joins once it is.
 Schema version 2 replaced version 1's row-per-observation ``observations`` table, which
-is left in place but no longer read.
+is left in place but no longer read. Version 3 lets a batch's array bytes live in a
+segment file beside a SQLite database (``segment``, ``segment_offset``, ``outputs_size``,
+``inputs_size``; ``observation_segments`` lists the files, see
+``torchops.monitoring._segments``); upgrading adds those columns to an existing table.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import numpy as np
 import orjson
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
+    Connection,
     Engine,
     Float,
     ForeignKey,
@@ -40,6 +45,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
     select,
     text,
 )
@@ -66,6 +72,7 @@ __all__ = [
     "metadata",
     "observation_batches",
     "observation_ids",
+    "observation_segments",
     "snapshots",
     "writer",
 ]
@@ -75,7 +82,7 @@ __all__ = [
 ID_SPAN = 200_000
 
 #: layout of the monitoring tables, recorded in the registry's ``meta`` table
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA_KEY = "monitoring_schema_version"
 #: distinct from the registry's own advisory lock key
 _ADVISORY_LOCK = 7260514
@@ -108,9 +115,28 @@ observation_batches = Table(
     Column("probas", Text),
     Column("outputs", LargeBinary, nullable=False),
     Column("inputs", LargeBinary),
+    # schema 3: on a file-backed SQLite store, outputs and inputs are empty here and their
+    # bytes are in this segment file (torchops.monitoring._segments) at this offset
+    Column("segment", String(64)),
+    Column("segment_offset", BigInteger),
+    Column("outputs_size", BigInteger),
+    Column("inputs_size", BigInteger),
     Index("ix_observation_batches_model_version_id", "model", "version", "id"),
     Index("ix_observation_batches_model_prefix_lo", "model", "id_prefix", "id_lo"),
     Index("ix_observation_batches_last_at", "last_at"),
+    Index("ix_observation_batches_segment", "segment"),
+)
+
+#: the columns schema 3 added to ``observation_batches``, added to older tables on upgrade
+_ADDED_IN_3 = ("segment", "segment_offset", "outputs_size", "inputs_size")
+
+observation_segments = Table(
+    "observation_segments",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    # set once the file is synced and its writer has let go of it: nothing is appended
+    Column("sealed", Boolean, nullable=False),
 )
 
 observation_ids = Table(
@@ -228,10 +254,23 @@ def ensure_tables(engine: Engine) -> None:
                     f"torchops supports ({SCHEMA_VERSION}); upgrade torchops"
                 )
             elif int(stored[0]) < SCHEMA_VERSION:  # the new tables were just created
+                _add_columns(conn)
                 conn.execute(
                     meta.update().where(meta.c.key == _SCHEMA_KEY).values(value=str(SCHEMA_VERSION))
                 )
         _ready.add(engine)
+
+
+def _add_columns(conn: Connection) -> None:
+    """Add the columns (and index) of schema 3 to an older ``observation_batches``."""
+    table = observation_batches
+    present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    for name in _ADDED_IN_3:
+        if name not in present:
+            kind = table.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+    for index in table.indexes:
+        index.create(conn, checkfirst=True)
 
 
 class ArrayEncoder:
