@@ -232,6 +232,14 @@ def test_an_older_schema_gets_the_segment_columns(
 ) -> None:
     engine = registry.engine
     store.ensure_tables(engine)
+    blocker = tmp_path / "observations"
+    sqlite = database_url.startswith("sqlite")
+    if sqlite:
+        blocker.write_text("not a directory")  # so the batch is stored inline, as in schema 2
+    writer = ObservationWriter(engine)
+    _put(writer, make_observation, range(10))
+    writer.close()
+    blocker.unlink(missing_ok=True)
     meta = registry_store.meta
     with engine.begin() as conn:  # back to schema 2's tables
         conn.execute(text("DROP INDEX ix_observation_batches_segment"))
@@ -248,6 +256,8 @@ def test_an_older_schema_gets_the_segment_columns(
         indexes = {i["name"] for i in inspect(again.engine).get_indexes("observation_batches")}
         assert "ix_observation_batches_segment" in indexes
         writer = ObservationWriter(again.engine)
-        _put(writer, make_observation, range(10))
+        _put(writer, make_observation, range(10, 20))
         writer.close()
-        _check_read_back(again.engine, range(10))
+        segments = [row["segment"] for row in _stored(again.engine)]
+        assert segments[0] is None and (segments[1] is not None) == sqlite
+        _check_read_back(again.engine, range(20))  # the old inline batch and the new one
