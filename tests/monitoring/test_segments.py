@@ -157,7 +157,6 @@ def test_a_dead_writers_segment_is_recovered_without_the_batches_it_lost(
     engine: Engine,
     make_observation: MakeObservation,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     done = subprocess.run(
@@ -180,10 +179,6 @@ def test_a_dead_writers_segment_is_recovered_without_the_batches_it_lost(
     data[int(second.segment_offset) + 2] ^= 0xFF
     path.write_bytes(bytes(data[: len(data) - 10]))
 
-    ObservationStore(engine).apply_retention()  # too young to be sure its writer died
-    assert _segments_table(engine) == {name: False} and len(_stored(engine)) == 3
-
-    monkeypatch.setattr(_segments, "RECOVER_AFTER_S", 0.0)
     writer = ObservationWriter(engine)
     _put(writer, make_observation, range(100, 105))  # its first segment recovers the dead one
     assert [row["id"] for row in _stored(engine)][:1] == [rows[0]["id"]]
@@ -195,6 +190,23 @@ def test_a_dead_writers_segment_is_recovered_without_the_batches_it_lost(
     reader = ObservationStore(engine)
     assert reader.get("clf", "r15") is None and reader.get("clf", "r25") is None
     writer.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_dead_writers_missing_segment_takes_its_batches_with_it(
+    database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _DIE_WHILE_WRITING, database_url], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (name,) = _segments_table(engine)
+    (tmp_path / "observations" / name).unlink()
+    reader = ObservationStore(engine)
+    assert reader.count("clf") == 30
+    reader.apply_retention()  # recovers dead writers' segments first
+    assert reader.count("clf") == 0 and _segments_table(engine) == {}
+    assert reader.get("clf", "r3") is None
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

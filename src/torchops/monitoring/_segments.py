@@ -21,9 +21,10 @@ nothing (the bytes were in the kernel).
 A writer holds an exclusive ``flock`` on its open segment. When a writer opens its first
 segment, it recovers the unsealed segments nobody holds (their writer died): rows whose
 bytes are missing or fail their checksum are deleted, with their id index, and the
-segment is sealed (segments younger than ``RECOVER_AFTER_S`` are left alone: their writer
-may still be opening them). Retention (``ObservationStore.apply_retention``) recovers the
-same way, then deletes sealed segments that no row points at. A reader that finds a
+segment is sealed. A writer locks a new segment before listing it, so a listed segment
+nobody holds is a dead writer's (a listed segment whose file is missing too: its
+batches are deleted). Retention (``ObservationStore.apply_retention``) recovers the same
+way, then deletes sealed segments that no row points at. A reader that finds a
 segment's bytes missing or damaged (a file deleted by hand) raises ``ArtifactCorrupted``
 naming the file.
 """
@@ -37,7 +38,6 @@ import secrets
 import time
 import zlib
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,6 @@ ROTATE_BYTES = 64 * 1024 * 1024
 ROTATE_AGE_S = 3600.0
 #: the open segment is synced at least this often while it is written
 SYNC_INTERVAL_S = 5.0
-#: an unsealed segment younger than this is left to its writer, which may be opening it
-RECOVER_AFTER_S = 60.0
 _CRC = 4
 
 
@@ -167,24 +165,23 @@ class SegmentWriter:
             recover(self.engine, self.directory)
             self._recovered = True
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(6)}.seg"
-        segments = store.observation_segments
-        # listed before the file exists: a crash in between leaves a row without a file,
-        # which ``recover`` deletes
-        with store.writer(self.engine).begin() as conn:
-            conn.execute(insert(segments).values(name=name, created_at=utcnow(), sealed=False))
         path = self.directory / name
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o644)
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-            fd = os.open(path, flags, 0o644)
-        except BaseException:
-            with store.writer(self.engine).begin() as conn:
-                conn.execute(delete(segments).where(segments.c.name == name))
-            raise
-        try:
+            # locked before it is listed, so ``recover`` never takes a live writer's segment
+            # for a dead one's; a crash before it is listed leaves a file nothing points at
             fcntl.flock(fd, fcntl.LOCK_EX)
             _write_all(fd, [MAGIC])
+            with store.writer(self.engine).begin() as conn:
+                conn.execute(
+                    insert(store.observation_segments).values(
+                        name=name, created_at=utcnow(), sealed=False
+                    )
+                )
         except BaseException:
             os.close(fd)
+            path.unlink(missing_ok=True)
             raise
         self._fd, self._name, self._size = fd, name, len(MAGIC)
         self._opened = self._synced = time.monotonic()
@@ -233,14 +230,9 @@ class SegmentReader:
 def recover(engine: Engine, directory: Path) -> int:
     """Recover the unsealed segments no live writer holds; the batches deleted."""
     segments, b = store.observation_segments, store.observation_batches
-    settled = utcnow() - timedelta(seconds=RECOVER_AFTER_S)
     with engine.connect() as conn:
         names = list(
-            conn.execute(
-                select(segments.c.name).where(
-                    segments.c.sealed.is_(False), segments.c.created_at < settled
-                )
-            ).scalars()
+            conn.execute(select(segments.c.name).where(segments.c.sealed.is_(False))).scalars()
         )
     deleted = 0
     for name in names:
