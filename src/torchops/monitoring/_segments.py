@@ -5,10 +5,10 @@ On a file-backed SQLite store, the writer appends each stored batch's outputs an
 its open segment file under ``<database directory>/observations/``; the batch's row holds
 where they are (``segment``, ``segment_offset``, ``outputs_size``, ``inputs_size``). SQLite
 in WAL mode writes every byte twice — into the WAL, then into the database when it
-checkpoints — so the bulk of the bytes goes where it is written once (in
-``bench/monitor.py`` this took the writer from about 0.5 to 0.34 µs of CPU per request and
-the throughput ratio up by one to two points). PostgreSQL keeps the bytes inline: its
-writers may be on other machines.
+checkpoints — so the bulk of the bytes goes where it is written once (under the load of
+``bench/monitor.py``, in same-run comparisons, the writer thread's CPU fell from 0.49-0.59
+to 0.41-0.50 µs per request and the server's throughput rose by 1-2% of the unmonitored
+server's). PostgreSQL keeps the bytes inline: its writers may be on other machines.
 
 A segment file is ``MAGIC`` then records: the outputs' bytes and their CRC-32 (4 bytes,
 little-endian), then, when the batch has inputs, the inputs' bytes and theirs. A record is
