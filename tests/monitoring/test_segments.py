@@ -193,6 +193,27 @@ def test_a_dead_writers_segment_is_recovered_without_the_batches_it_lost(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_live_writer_recovers_a_dead_writers_segment_when_it_moves_to_a_new_one(
+    database_url: str,
+    engine: Engine,
+    make_observation: MakeObservation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_segments, "ROTATE_BYTES", 1)
+    writer = ObservationWriter(engine)
+    _put(writer, make_observation, range(100, 105))
+    done = subprocess.run(
+        [sys.executable, "-c", _DIE_WHILE_WRITING, database_url], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(_segments_table(engine).values()) == [False, False]  # the live and the dead
+    _put(writer, make_observation, range(105, 110))  # a new segment: the dead one is sealed
+    assert sorted(_segments_table(engine).values()) == [False, True, True]
+    _check_read_back(engine, range(30))
+    writer.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_dead_writers_missing_segment_takes_its_batches_with_it(
     database_url: str, engine: Engine, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ every ``SYNC_INTERVAL_S`` and when sealed: when it reaches ``ROTATE_BYTES`` or
 ``synchronous=NORMAL``, a power loss can lose the last seconds; a process that dies loses
 nothing (the bytes were in the kernel).
 
-A writer holds an exclusive ``flock`` on its open segment. When a writer opens its first
+A writer holds an exclusive ``flock`` on its open segment. Whenever a writer opens a new
 segment, it recovers the unsealed segments nobody holds (their writer died): rows whose
 bytes are missing or fail their checksum are deleted, with their id index, and the
 segment is sealed. A writer locks a new segment before listing it, so a listed segment
@@ -84,7 +84,6 @@ class SegmentWriter:
         self._opened = 0.0
         self._synced = 0.0
         self._dirty = False
-        self._recovered = False
 
     @property
     def open(self) -> bool:
@@ -161,9 +160,7 @@ class SegmentWriter:
     def _rotate(self) -> None:
         self.close()
         self.directory.mkdir(parents=True, exist_ok=True)
-        if not self._recovered:
-            recover(self.engine, self.directory)
-            self._recovered = True
+        recover(self.engine, self.directory)  # dead writers' segments, at every new one
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(6)}.seg"
         path = self.directory / name
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
