@@ -26,6 +26,20 @@ def _put(writer: ObservationWriter, make: MakeObservation, ids: range) -> None:
     writer.flush()
 
 
+@pytest.fixture
+def rotating(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers move to a new segment at every flush."""
+    monkeypatch.setattr(_segments, "ROTATE_BYTES", 1)
+
+
+def _three_flushes(engine: Engine, make: MakeObservation) -> tuple[ObservationWriter, list[str]]:
+    """A writer that stored r0..r29 in three flushes; the segment of each stored batch."""
+    writer = ObservationWriter(engine)
+    for start in (0, 10, 20):
+        _put(writer, make, range(start, start + 10))
+    return writer, [str(row["segment"]) for row in _stored(engine)]
+
+
 def _stored(engine: Engine) -> list[dict[str, object]]:
     b = store.observation_batches
     with engine.connect() as conn:
@@ -89,17 +103,11 @@ def test_segments_go_beside_a_sqlite_file_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.usefixtures("rotating")
 def test_the_writer_moves_to_a_new_segment_and_seals_the_old(
-    engine: Engine,
-    make_observation: MakeObservation,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    engine: Engine, make_observation: MakeObservation
 ) -> None:
-    monkeypatch.setattr(_segments, "ROTATE_BYTES", 1)  # a new segment for every flush
-    writer = ObservationWriter(engine)
-    for start in (0, 10, 20):
-        _put(writer, make_observation, range(start, start + 10))
-    names = [row["segment"] for row in _stored(engine)]
+    writer, names = _three_flushes(engine, make_observation)
     assert len(set(names)) == 3
     assert _segments_table(engine) == {names[0]: True, names[1]: True, names[2]: False}
     _check_read_back(engine, range(30))
@@ -108,17 +116,13 @@ def test_the_writer_moves_to_a_new_segment_and_seals_the_old(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.usefixtures("rotating")
 def test_retention_deletes_the_segments_no_batch_points_at(
     engine: Engine,
     make_observation: MakeObservation,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_segments, "ROTATE_BYTES", 1)
-    writer = ObservationWriter(engine)
-    for start in (0, 10, 20):
-        _put(writer, make_observation, range(start, start + 10))
-    names = [str(row["segment"]) for row in _stored(engine)]
+    writer, names = _three_flushes(engine, make_observation)
     directory = tmp_path / "observations"
     reader = ObservationStore(engine)
     assert reader.apply_retention(max_rows=15) == 15
@@ -151,6 +155,14 @@ os._exit(0)  # no close: the segment is never sealed
 """
 
 
+def _die_while_writing(database_url: str) -> None:
+    """Run a writer process that stores 30 observations in 3 batches and dies."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DIE_WHILE_WRITING, database_url], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_dead_writers_segment_is_recovered_without_the_batches_it_lost(
     database_url: str,
@@ -159,10 +171,7 @@ def test_a_dead_writers_segment_is_recovered_without_the_batches_it_lost(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _DIE_WHILE_WRITING, database_url], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    _die_while_writing(database_url)
     rows = _stored(engine)
     assert len(rows) == 3 and len({row["segment"] for row in rows}) == 1
     (name,) = _segments_table(engine)
@@ -193,19 +202,15 @@ def test_a_dead_writers_segment_is_recovered_without_the_batches_it_lost(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.usefixtures("rotating")
 def test_a_live_writer_recovers_a_dead_writers_segment_when_it_moves_to_a_new_one(
     database_url: str,
     engine: Engine,
     make_observation: MakeObservation,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_segments, "ROTATE_BYTES", 1)
     writer = ObservationWriter(engine)
     _put(writer, make_observation, range(100, 105))
-    done = subprocess.run(
-        [sys.executable, "-c", _DIE_WHILE_WRITING, database_url], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    _die_while_writing(database_url)
     assert sorted(_segments_table(engine).values()) == [False, False]  # the live and the dead
     _put(writer, make_observation, range(105, 110))  # a new segment: the dead one is sealed
     assert sorted(_segments_table(engine).values()) == [False, True, True]
@@ -217,10 +222,7 @@ def test_a_live_writer_recovers_a_dead_writers_segment_when_it_moves_to_a_new_on
 def test_a_dead_writers_missing_segment_takes_its_batches_with_it(
     database_url: str, engine: Engine, tmp_path: Path
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _DIE_WHILE_WRITING, database_url], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    _die_while_writing(database_url)
     (name,) = _segments_table(engine)
     (tmp_path / "observations" / name).unlink()
     reader = ObservationStore(engine)
