@@ -198,10 +198,8 @@ class SegmentReader:
         if not isinstance(name, str) or "/" in name or name.startswith("."):
             raise ArtifactCorrupted(f"bad observation segment name {name!r}")
         path = self.directory / name
-        offset, size = int(row["segment_offset"]), int(row["outputs_size"])
-        parts = [(offset, size)]
-        if inputs and row["inputs_size"] is not None:
-            parts.append((offset + size + _CRC, int(row["inputs_size"])))
+        parts = _parts(row["segment_offset"], row["outputs_size"], row["inputs_size"])
+        parts = parts if inputs else parts[:1]
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -216,7 +214,7 @@ class SegmentReader:
         if any(data is None for data in found):
             raise ArtifactCorrupted(
                 f"observation segment {path}: the bytes of stored batch {row['id']} at offset "
-                f"{offset} are missing or damaged (was the file truncated or changed?)"
+                f"{parts[0][0]} are missing or damaged (was the file truncated or changed?)"
             )
         resolved = dict(row)
         resolved["outputs"] = found[0]
@@ -297,13 +295,17 @@ def sweep(engine: Engine, directory: Path) -> int:
     return len(names)
 
 
+def _parts(offset: int, outputs_size: int, inputs_size: int | None) -> list[tuple[int, int]]:
+    """Where a record's outputs (and inputs, if it has them) are: ``(offset, size)`` s."""
+    parts = [(int(offset), int(outputs_size))]
+    if inputs_size is not None:
+        parts.append((int(offset) + int(outputs_size) + _CRC, int(inputs_size)))
+    return parts
+
+
 def _intact(fd: int, row: Any) -> bool:
-    offset, size = int(row.segment_offset), int(row.outputs_size)
-    if _checked(fd, offset, size) is None:
-        return False
-    if row.inputs_size is None:
-        return True
-    return _checked(fd, offset + size + _CRC, int(row.inputs_size)) is not None
+    parts = _parts(row.segment_offset, row.outputs_size, row.inputs_size)
+    return all(_checked(fd, at, size) is not None for at, size in parts)
 
 
 def _checked(fd: int, offset: int, size: int) -> bytes | None:

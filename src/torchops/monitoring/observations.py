@@ -352,6 +352,8 @@ class ObservationWriter:
             stopping = self._stopping
             try:
                 self._drain(everything=stopping)
+                if self._segments is not None:
+                    self._segments.tick()  # synced every few seconds, busy or idle
             except Exception:  # never let the thread die; the rows were already counted
                 log.exception("observation writer failed")
             if stopping:
@@ -366,8 +368,6 @@ class ObservationWriter:
             while True:
                 taken, markers = self._take()
                 if not taken and not markers:
-                    if self._segments is not None:
-                        self._segments.tick()  # an idle writer's last bytes reach the disk
                     return
                 try:
                     if taken:
@@ -427,8 +427,6 @@ class ObservationWriter:
             if batch.rows:
                 kept.append(batch)
         self._written += sum(b.rows for b in kept)
-        if self._segments is not None:
-            self._segments.tick()
         if self.on_write is not None and kept:
             try:
                 self.on_write(kept)
