@@ -46,4 +46,4 @@ def test_start_times_that_are_not_numbers_leave_the_capture_as_it_was() -> None:
     with pytest.raises(TypeError):
         capture.add([2], None, ["soon"], 1.0, 1e9, _out(1), None, 1, 8)  # type: ignore[list-item]
     assert capture.ids.tolist() == [1] and capture.started.tolist() == [0.0]  # type: ignore[union-attr]
-    assert capture.size == 1 and capture.outputs.rows == 1
+    assert capture.size == 1 and len(capture.outputs) == 1

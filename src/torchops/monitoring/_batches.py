@@ -157,10 +157,10 @@ class Batch:
             at_rows = np.repeat(at_requests, count)
             latency_rows = np.repeat(latency, count)
         encoded: dict[str, bytearray] = {}
-        outputs = _stack(capture.outputs.view(), encoder, encoded, "outputs")
+        outputs = _stack(capture.outputs, encoder, encoded, "outputs")
         inputs = None
         if capture.inputs is not None:
-            inputs = _stack(capture.inputs.view(), encoder, encoded, "inputs")
+            inputs = _stack(capture.inputs, encoder, encoded, "inputs")
         batch = cls(
             capture.model,
             capture.version,
@@ -435,14 +435,16 @@ def _json_list(values: list[Any] | None) -> str | None:
 
 
 def _stack(
-    columns: dict[str, Array], encoder: ArrayEncoder, encoded: dict[str, bytearray], kind: str
+    parts: Sequence[Mapping[str, Array]],
+    encoder: ArrayEncoder,
+    encoded: dict[str, bytearray],
+    kind: str,
 ) -> dict[str, Array]:
-    """A copy of ``columns`` (the capture fills its buffers again), as safetensors bytes in
-    ``encoded[kind]`` when they fit."""
+    """``parts`` stacked; also into ``encoded[kind]`` as safetensors bytes when they fit."""
     try:
-        encoded[kind], arrays = encoder.stack([columns])
-    except ValueError:  # a dtype safetensors has no name for: copied, encoded later
-        return {k: v.copy() for k, v in columns.items()}
+        encoded[kind], arrays = encoder.stack(parts)
+    except ValueError:  # a dtype safetensors has no name for: stacked, encoded later
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return arrays
 
 

@@ -4,8 +4,7 @@
 does the same for other callers), once per model batch, from the batcher's compute
 thread: the stacked inputs and outputs the model saw and the requests' ids and start
 times, appended to the version's open ``Capture`` — no per-row work, no encode, no
-database call; the arrays are copied into the capture's columns, whose buffers go back
-to the tap once stored. A background thread takes the buffer every
+database call. A background thread takes the buffer every
 ``flush_interval_s`` (or sooner once ``batch_size`` rows wait) and stores each capture
 as one row of columns (``torchops.monitoring._batches``): the cost of storing an
 observation is a share of one insert and a copy of its bytes. A full buffer (rows or
@@ -208,12 +207,6 @@ class ObservationWriter:
         self._buffered_bytes += nbytes
         return True
 
-    def _unfit(self, rows: int, nbytes: int) -> None:
-        """Take back what ``_fits`` counted for rows that were not placed after all (the
-        caller holds the lock)."""
-        self._buffered -= rows
-        self._buffered_bytes -= nbytes
-
     def _placed(self, model: str, rows: int, fits: bool) -> bool:
         """After ``_fits`` (outside the lock): count the rows as dropped if they did not
         fit, or wake the writer once ``batch_size`` rows wait."""
@@ -382,9 +375,6 @@ class ObservationWriter:
                 finally:
                     with self._lock:
                         self._inflight = []
-                        for item in taken:  # stored or dropped: their buffers are free
-                            if isinstance(item, Capture) and item.owner is not None:
-                                item.owner.recycle(item)
                     for marker in markers:
                         marker.done.set()
                 if not (everything or markers or self._buffered >= self.batch_size):
@@ -412,9 +402,7 @@ class ObservationWriter:
         kept: list[Batch] = []
         if self._segments is not None:
             self._segments.ready()  # outside the transactions: it may open a new segment
-        parts: list[Capture | list[ObservedBatch]] = [
-            t for t in taken if isinstance(t, Capture) and t.size
-        ]
+        parts: list[Capture | list[ObservedBatch]] = [t for t in taken if isinstance(t, Capture)]
         parts.extend(self._groups([t for t in taken if not isinstance(t, Capture)]))
         for part in parts:
             try:
