@@ -29,6 +29,9 @@ def test_quickstart_trains_registers_and_promotes_digits(tmp_path: Path, cli: Cl
     (log,) = (home / "logs").glob("quickstart-serve-*.log")
     assert "shutting down" in log.read_text()
     assert str(home) in first.stdout
+    # the served predictions' arrays went to segment files, and the summary says where
+    assert list((home / "observations").glob("*.seg"))
+    assert "observation arrays" in first.stdout
 
     with Registry(home) as registry:
         mv = registry.get("digits:1")

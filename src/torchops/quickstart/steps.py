@@ -292,6 +292,8 @@ def promote_step(ctx: QuickstartContext) -> None:
 def summary_step(ctx: QuickstartContext) -> None:
     from sqlalchemy.engine import make_url
 
+    from torchops.monitoring._segments import segment_dir
+
     settings = ctx.settings
     mv = ctx.registered()
     where = Table(title="Where things are", title_justify="left", show_header=False)
@@ -306,6 +308,9 @@ def summary_step(ctx: QuickstartContext) -> None:
         rows.append(("checkpoint", str(ctx.checkpoint_path)))
     if ctx.tensorboard_dir is not None:
         rows.append(("TensorBoard", f"tensorboard --logdir {ctx.tensorboard_dir.parent}"))
+    observations = segment_dir(ctx.registry.engine)
+    if observations is not None and observations.is_dir():
+        rows.append(("observation arrays", str(observations)))
     if ctx.server is not None:
         rows.append(("server log", str(ctx.server.log_path)))
         token = "TORCHOPS_TOKEN" if settings.token else str(settings.token_path)
