@@ -9,11 +9,8 @@ SQLite database (WAL) through a ``Tap``, as the server's observer does, and flus
 ``--requests-per-flush`` at a time, as the server's writer thread would. It prints CPU µs
 (user + system, this process) per observation for:
 
-1. ``Tap.put`` — what the batcher's thread pays, per batch and per row (here every
-   flush writes all that was put, so each capture starts on new buffers and grows them:
-   in a busy server, batches keep coming while the writer writes, and captures fill the
-   buffers of stored ones again);
-2. the writer's flush — the columns, copying the arrays into safetensors bytes, the
+1. ``Tap.put`` — what the batcher's thread pays, per batch and per row;
+2. the writer's flush — the columns, stacking the arrays into safetensors bytes, the
    insert, and appending the arrays' bytes to the segment file;
 3. the baseline: the same number of bytes (the row's and the segment's) inserted as one
    plain blob per flush with sqlite3 on another fresh database (same page size and
