@@ -35,6 +35,27 @@ HTTP_STACKS = ("torchops", "uvicorn")
 #: how long feedback for an unknown id waits for the other workers' observation writers
 _PEER_GRACE_S = 1.0
 HttpStack = Literal["torchops", "uvicorn"]
+#: objects created and not yet freed before the GC collects the young generation
+_GC_YOUNG = 50_000
+#: collections of a younger generation before the next older one is collected
+_GC_OLDER = 20
+
+
+def _settle_gc() -> None:
+    """Tune the cyclic GC for serving, once everything is loaded.
+
+    Everything loaded so far lives as long as the server: it is kept out of the GC, whose
+    full collections otherwise stall every request for ~100 ms (measured). Requests
+    allocate and free their objects (coroutines, futures, dicts of arrays) by reference
+    counting; with the default young-generation threshold, 700 objects created and not
+    yet freed, the young generation was collected every ~200 requests at concurrency 64,
+    each time walking the objects of every request in flight (0.3 µs per request,
+    measured). With ``_GC_YOUNG`` it is collected when that many have piled up, so the
+    reference cycles a server does make are still freed.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_YOUNG, _GC_OLDER, _GC_OLDER)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -225,10 +246,7 @@ async def _main(
             learner = start_embedded(registry, settings, sorted(manager.routes))
         server = HttpServer(app, access_log=access_log)
         await server.start(sock)
-        # everything loaded so far lives as long as the server: keep it out of the cyclic
-        # GC, whose full collections otherwise stall every request for ~100 ms (measured)
-        gc.collect()
-        gc.freeze()
+        _settle_gc()
         if announce is not None:
             _announce(*announce)
         await stop.wait()
