@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, inspect, select, text, update
 
 from torchops.errors import ArtifactCorrupted
-from torchops.monitoring import _segments, store
+from torchops.monitoring import _segments, segment_dir, store
 from torchops.monitoring.observations import ObservationStore, ObservationWriter
 from torchops.registry import Registry
 from torchops.registry import store as registry_store
@@ -93,7 +93,7 @@ def test_segments_go_beside_a_sqlite_file_only(tmp_path: Path) -> None:
     def where(url: str) -> Path | None:
         engine = create_engine(url)
         try:
-            return _segments.segment_dir(engine)
+            return segment_dir(engine)
         finally:
             engine.dispose()
 

@@ -44,6 +44,7 @@ __all__ = [
     "extract",
     "feature_names",
     "make_quality",
+    "segment_dir",
 ]
 
 _LAZY = {
@@ -78,9 +79,11 @@ _LAZY = {
     "extract": "torchops.monitoring.features",
     "feature_names": "torchops.monitoring.features",
     "make_quality": "torchops.monitoring.quality",
+    "segment_dir": "torchops.monitoring._segments",
 }
 
 if TYPE_CHECKING:
+    from torchops.monitoring._segments import segment_dir
     from torchops.monitoring.alerts import AlertEvaluator, AlertEvent, AlertRule, AlertStore
     from torchops.monitoring.client import FeedbackClient
     from torchops.monitoring.drift import DriftConfig, DriftReport, DriftWindow, FeatureDrift

@@ -292,7 +292,7 @@ def promote_step(ctx: QuickstartContext) -> None:
 def summary_step(ctx: QuickstartContext) -> None:
     from sqlalchemy.engine import make_url
 
-    from torchops.monitoring._segments import segment_dir
+    from torchops.monitoring import segment_dir
 
     settings = ctx.settings
     mv = ctx.registered()
