@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +233,34 @@ def test_a_dead_writers_missing_segment_takes_its_batches_with_it(
     reader.apply_retention()  # recovers dead writers' segments first
     assert reader.count("clf") == 0 and _segments_table(engine) == {}
     assert reader.get("clf", "r3") is None
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_retention_deletes_old_unlisted_segments_that_no_writer_holds(
+    engine: Engine, make_observation: MakeObservation, tmp_path: Path
+) -> None:
+    writer = ObservationWriter(engine)
+    _put(writer, make_observation, range(10))
+    directory = tmp_path / "observations"
+    (open_segment,) = _segments_table(engine)
+    old = time.time() - _segments.UNLISTED_AGE_S - 60
+
+    def unlisted(name: str, *, age: float) -> Path:  # as a writer that died before listing
+        path = directory / f"{name}.seg"
+        path.write_bytes(_segments.MAGIC)
+        os.utime(path, (age, age))
+        return path
+
+    dead = unlisted("dead", age=old)
+    fresh = unlisted("fresh", age=time.time())
+    locked = unlisted("locked", age=old)
+    with locked.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live writer's, not listed yet
+        ObservationStore(engine).apply_retention()
+    assert not dead.exists()
+    assert fresh.exists() and locked.exists() and (directory / open_segment).exists()
+    _check_read_back(engine, range(10))
+    writer.close()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

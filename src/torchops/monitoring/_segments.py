@@ -24,7 +24,9 @@ bytes are missing or fail their checksum are deleted, with their id index, and t
 segment is sealed. A writer locks a new segment before listing it, so a listed segment
 nobody holds is a dead writer's (a listed segment whose file is missing too: its
 batches are deleted). Retention (``ObservationStore.apply_retention``) recovers the same
-way, then deletes sealed segments that no row points at. A reader that finds a
+way, then deletes sealed segments that no row points at, and the files of writers that
+died between creating a segment and listing it (unlisted, unlocked, ``UNLISTED_AGE_S``
+old). A reader that finds a
 segment's bytes missing or damaged (a file deleted by hand) raises ``ArtifactCorrupted``
 naming the file.
 """
@@ -58,6 +60,8 @@ ROTATE_BYTES = 64 * 1024 * 1024
 ROTATE_AGE_S = 3600.0
 #: the open segment is synced at least this often while it is written
 SYNC_INTERVAL_S = 5.0
+#: an unlisted segment file this old that nobody locks is a dead writer's, and deleted
+UNLISTED_AGE_S = 600.0
 _CRC = 4
 
 
@@ -280,7 +284,8 @@ def recover(engine: Engine, directory: Path) -> int:
 
 def sweep(engine: Engine, directory: Path) -> int:
     """Recover dead writers' segments, then delete the sealed segments no stored batch
-    points at; the files deleted."""
+    points at, and the files of writers that died before listing them; the files
+    deleted."""
     recover(engine, directory)
     segments, b = store.observation_segments, store.observation_batches
     unused = select(segments.c.name).where(
@@ -292,7 +297,35 @@ def sweep(engine: Engine, directory: Path) -> int:
         (directory / name).unlink(missing_ok=True)
         with store.writer(engine).begin() as conn:
             conn.execute(delete(segments).where(segments.c.name == name))
-    return len(names)
+    return len(names) + _sweep_unlisted(engine, directory)
+
+
+def _sweep_unlisted(engine: Engine, directory: Path) -> int:
+    """Delete segment files that are not listed, older than ``UNLISTED_AGE_S`` and not
+    locked: a writer that died between creating a segment and listing it left them (a
+    live writer locks its new file first and lists it within moments)."""
+    with engine.connect() as conn:
+        listed = set(conn.execute(select(store.observation_segments.c.name)).scalars())
+    deleted = 0
+    for path in directory.glob("*.seg"):
+        if path.name in listed:
+            continue
+        try:
+            if time.time() - path.stat().st_mtime < UNLISTED_AGE_S:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer's, still being listed
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        log.warning("deleted observation segment %s: no stored batch knew of it", path)
+        deleted += 1
+    return deleted
 
 
 def _parts(offset: int, outputs_size: int, inputs_size: int | None) -> list[tuple[int, int]]:
