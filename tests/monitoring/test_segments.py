@@ -264,6 +264,23 @@ def test_retention_deletes_old_unlisted_segments_that_no_writer_holds(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_writer_opening_a_segment_deletes_a_dead_writers_unlisted_file(
+    engine: Engine, make_observation: MakeObservation, tmp_path: Path
+) -> None:
+    directory = tmp_path / "observations"
+    directory.mkdir()
+    dead = directory / "dead.seg"
+    dead.write_bytes(_segments.MAGIC)
+    old = time.time() - _segments.UNLISTED_AGE_S - 60
+    os.utime(dead, (old, old))
+    writer = ObservationWriter(engine)
+    _put(writer, make_observation, range(10))
+    assert not dead.exists()
+    _check_read_back(engine, range(10))
+    writer.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_missing_or_damaged_segment_is_a_clear_error(
     engine: Engine, make_observation: MakeObservation, tmp_path: Path
 ) -> None:
