@@ -24,9 +24,9 @@ bytes are missing or fail their checksum are deleted, with their id index, and t
 segment is sealed. A writer locks a new segment before listing it, so a listed segment
 nobody holds is a dead writer's (a listed segment whose file is missing too: its
 batches are deleted). Retention (``ObservationStore.apply_retention``) recovers the same
-way, then deletes sealed segments that no row points at. A writer opening a segment and
-retention both delete the files of writers that died between creating a segment and
-listing it (unlisted, unlocked, ``UNLISTED_AGE_S`` old). A reader that finds a
+way, then deletes sealed segments that no row points at. A writer opening its first
+segment, and retention, delete the files of writers that died between creating a segment
+and listing it (unlisted, unlocked, ``UNLISTED_AGE_S`` old). A reader that finds a
 segment's bytes missing or damaged (a file deleted by hand) raises ``ArtifactCorrupted``
 naming the file.
 """
@@ -88,6 +88,7 @@ class SegmentWriter:
         self._opened = 0.0
         self._synced = 0.0
         self._dirty = False
+        self._swept = False
 
     @property
     def open(self) -> bool:
@@ -165,7 +166,9 @@ class SegmentWriter:
         self.close()
         self.directory.mkdir(parents=True, exist_ok=True)
         recover(self.engine, self.directory)  # dead writers' segments, at every new one
-        _sweep_unlisted(self.engine, self.directory)
+        if not self._swept:  # files only a crash leaves: once per writer, which lists all
+            _sweep_unlisted(self.engine, self.directory)
+            self._swept = True
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(6)}.seg"
         path = self.directory / name
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
