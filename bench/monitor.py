@@ -11,11 +11,14 @@ counts) and the disk cache is synced, so no turn pays for the writeback of an ea
 data. It prints req/s and
 server CPU per request of each turn, the ratio on/off of the median throughputs (target
 ≥ 95%) and the median of the paired ratios (each on turn against the off turn next to it
-in time, which cancels slow drifts of the machine's speed), how many observations were
+in time, which cancels slow drifts of the machine's speed) with their mean, its 95%
+confidence interval and how many pairs fell below 95%, how many observations were
 stored and dropped, then the feedback ingestion rate: labels for stored predictions sent
-through ``POST /v2/models/mlp/feedback`` in the batch form.
+through ``POST /v2/models/mlp/feedback`` in the batch form. It runs 20 rounds (about 7
+minutes): on a shared machine a single pair of turns varies by a few points, and six
+rounds left a run's figure about ±2 points from the next one's.
 
-Usage: python bench/monitor.py [--rounds 6] [--duration 8] [--warmup 3] [--conc 64]
+Usage: python bench/monitor.py [--rounds 20] [--duration 8] [--warmup 3] [--conc 64]
                                [--feedback 20000] [--feedback-batch 1000]
 Needs 2 CPUs and ``wrk``. Numbers are noisy when other work shares the machine; the load
 average is printed with them.
@@ -54,6 +57,8 @@ from serve import (
 )
 
 MODEL = "mlp"
+#: the throughput the monitored server should keep, as a share of the unmonitored one's
+TARGET = 0.95
 
 
 def start(home: str, port: int, *flags: str) -> subprocess.Popen[bytes]:
@@ -110,9 +115,20 @@ def feedback_rate(base: str, token: str, ids: list[str], batch: int) -> tuple[in
     return accepted, time.perf_counter() - t0
 
 
+def interval(ratios: list[float]) -> str:
+    """``, mean m% (95% confidence interval lo-hi%)`` of the paired ratios (Student's t)."""
+    if len(ratios) < 2:
+        return ""
+    from scipy import stats
+
+    mean = statistics.mean(ratios)
+    half = stats.t.ppf(0.975, len(ratios) - 1) * statistics.stdev(ratios) / len(ratios) ** 0.5
+    return f", mean {mean:.1%} (95% confidence interval {mean - half:.1%}-{mean + half:.1%})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--duration", type=float, default=8)
     parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--conc", type=int, default=64)
@@ -172,10 +188,13 @@ def main() -> None:
         cpu_off = statistics.median(c for _, c in rows["off"])
         cpu_on = statistics.median(c for _, c in rows["on"])
         # in ABBA order, round t's two turns are next to each other in time
-        pairs = zip(rows["on"], rows["off"], strict=True)
-        paired = statistics.median(a[0] / b[0] for a, b in pairs)
+        ratios = [a[0] / b[0] for a, b in zip(rows["on"], rows["off"], strict=True)]
         print(f"\nmonitoring on / off throughput: {on:,.0f} / {off:,.0f} req/s = {on / off:.1%}")
-        print(f"paired turns (on / the off turn next to it): median {paired:.1%}")
+        print(
+            f"paired turns (on / the off turn next to it): median {statistics.median(ratios):.1%}"
+            f"{interval(ratios)}, {sum(r < TARGET for r in ratios)} of {len(ratios)} "
+            f"below {TARGET:.0%}"
+        )
         print(f"server CPU per request: {cpu_on:.1f} / {cpu_off:.1f} us = {cpu_off / cpu_on:.1%}")
         print(f"observations stored {kept:,} of {answered:,.0f} answered ({dropped:,.0f} dropped)")
         token = (Path(home) / "token").read_text().strip()
