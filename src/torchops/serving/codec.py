@@ -115,7 +115,7 @@ def _load_json(header: bytes | memoryview) -> Any:
     try:
         return orjson.loads(header)
     except orjson.JSONDecodeError as exc:
-        error = exc
+        error = str(exc)  # not the exception: its traceback holds this frame, and the body
     # orjson refuses NaN/Infinity literals, which Python and rapidjson clients emit; the
     # standard parser reads them so the caller can accept or reject non-finite values
     try:

@@ -168,6 +168,14 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = True
         self.server.connections.discard(self)
         self.pending.clear()
+        # the parser calls back into this protocol and the transport holds it: letting go
+        # of both (and of the last request's body) frees a closed connection at once, by
+        # reference counting, instead of at the cyclic GC's next collection, which would
+        # keep every closed connection's last body until then
+        del self.parser
+        self.transport = None
+        self.body = []
+        self.headers = []
         if self.disconnected is not None:
             self.disconnected.set()
 

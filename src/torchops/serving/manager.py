@@ -167,6 +167,9 @@ class ModelManager:
             except BaseException as exc:
                 pending.set_exception(exc)
                 pending.exception()  # retrieved: waiters re-raise it themselves
+                # the exception's traceback holds this frame: without its future, the two
+                # make no reference cycle, and are freed (with the request) at once
+                del pending
                 raise
             finally:
                 del self._loading[key]
