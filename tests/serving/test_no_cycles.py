@@ -50,6 +50,7 @@ REQUESTS = {
     "malformed JSON": _post("/v2/models/double/infer", b"{nope"),
     "unknown model": _post("/v2/models/nope/infer", _tensor("x", ROWS)),
     "unknown version": _post("/v2/models/double/versions/9/infer", _tensor("x", ROWS)),
+    "model failed": _post("/v2/models/fragile/infer", _tensor("x", [[200.0] * 4] * 2)),
 }
 
 
@@ -107,6 +108,7 @@ async def test_requests_and_errors_leave_no_reference_cycles(
         "malformed JSON": 400,
         "unknown model": 404,
         "unknown version": 404,
+        "model failed": 500,
     }
     gc.set_debug(gc.DEBUG_SAVEALL)
     gc.collect()
