@@ -235,6 +235,17 @@ def test_a_dead_writers_missing_segment_takes_its_batches_with_it(
     assert reader.get("clf", "r3") is None
 
 
+def _unlisted(directory: Path, name: str, *, old: bool = True) -> Path:
+    """A segment file nothing lists, as a writer that died before listing it leaves one."""
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{name}.seg"
+    path.write_bytes(_segments.MAGIC)
+    if old:
+        then = time.time() - _segments.UNLISTED_AGE_S - 60
+        os.utime(path, (then, then))
+    return path
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_retention_deletes_old_unlisted_segments_that_no_writer_holds(
     engine: Engine, make_observation: MakeObservation, tmp_path: Path
@@ -243,17 +254,9 @@ def test_retention_deletes_old_unlisted_segments_that_no_writer_holds(
     _put(writer, make_observation, range(10))
     directory = tmp_path / "observations"
     (open_segment,) = _segments_table(engine)
-    old = time.time() - _segments.UNLISTED_AGE_S - 60
-
-    def unlisted(name: str, *, age: float) -> Path:  # as a writer that died before listing
-        path = directory / f"{name}.seg"
-        path.write_bytes(_segments.MAGIC)
-        os.utime(path, (age, age))
-        return path
-
-    dead = unlisted("dead", age=old)
-    fresh = unlisted("fresh", age=time.time())
-    locked = unlisted("locked", age=old)
+    dead = _unlisted(directory, "dead")
+    fresh = _unlisted(directory, "fresh", old=False)
+    locked = _unlisted(directory, "locked")
     with locked.open("rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a live writer's, not listed yet
         ObservationStore(engine).apply_retention()
@@ -267,12 +270,7 @@ def test_retention_deletes_old_unlisted_segments_that_no_writer_holds(
 def test_a_writer_opening_a_segment_deletes_a_dead_writers_unlisted_file(
     engine: Engine, make_observation: MakeObservation, tmp_path: Path
 ) -> None:
-    directory = tmp_path / "observations"
-    directory.mkdir()
-    dead = directory / "dead.seg"
-    dead.write_bytes(_segments.MAGIC)
-    old = time.time() - _segments.UNLISTED_AGE_S - 60
-    os.utime(dead, (old, old))
+    dead = _unlisted(tmp_path / "observations", "dead")
     writer = ObservationWriter(engine)
     _put(writer, make_observation, range(10))
     assert not dead.exists()
