@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from collections.abc import Iterator
@@ -255,6 +256,40 @@ def test_publish_writes_prometheus_tensorboard_snapshots(
     assert "quality/last_n/accuracy" in scalars and "drift/share" in scalars
     assert events.Scalars("quality/cumulative/count")[-1].value == 250
     assert {"inputs", "outputs"} <= set(events.Tags()["histograms"])
+
+
+def test_monitoring_leaves_no_arrays_in_reference_cycles(
+    monitor: Monitor, runtime: Runtime
+) -> None:
+    """The server collects the GC's young generation only after 50,000 objects: arrays
+    or bytes caught in reference cycles would wait that long."""
+    _, _, x_test, y_test, _ = _digits()
+
+    def traffic(rows: slice, prefix: str) -> None:
+        ids = _serve(monitor, runtime, x_test[rows], prefix, rows=5)
+        monitor.add_feedback_many("digits", list(zip(ids, y_test[rows].tolist(), strict=True)))
+        monitor.writer.flush()
+        monitor.refresh()
+        monitor.publish()
+
+    traffic(slice(0, 100), "warm")  # first use: imports, caches
+    gc.collect()
+    gc.disable()
+    try:
+        traffic(slice(100, 400), "live")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        held = [
+            type(r).__name__
+            for o in gc.garbage
+            for r in gc.get_referents(o)
+            if isinstance(r, np.ndarray | bytes | bytearray) and memoryview(r).nbytes >= 1024
+        ]
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        gc.enable()
+    assert held == []
 
 
 class _Receiver(BaseHTTPRequestHandler):
