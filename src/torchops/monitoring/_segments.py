@@ -245,11 +245,8 @@ def recover(engine: Engine, directory: Path) -> int:
         except FileNotFoundError:
             fd = None
         try:
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live writer's
+            if fd is not None and not _take_lock(fd):
+                continue  # a live writer's
             with engine.connect() as conn:
                 rows = conn.execute(
                     select(b.c.id, b.c.segment_offset, b.c.outputs_size, b.c.inputs_size).where(
@@ -321,15 +318,23 @@ def _sweep_unlisted(engine: Engine, directory: Path) -> int:
         except FileNotFoundError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live writer's, still being listed
+            if not _take_lock(fd):
+                continue  # a live writer's, still being listed
         finally:
             os.close(fd)
         path.unlink(missing_ok=True)
         log.warning("deleted observation segment %s: no stored batch knew of it", path)
         deleted += 1
     return deleted
+
+
+def _take_lock(fd: int) -> bool:
+    """Lock a segment file for this process; False when a live writer holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _parts(offset: int, outputs_size: int, inputs_size: int | None) -> list[tuple[int, int]]:
