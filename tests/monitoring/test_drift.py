@@ -172,6 +172,33 @@ def test_psi_and_js_by_hand() -> None:
     assert psi(p, p) == 0.0 and js_distance(p, p) == 0.0
 
 
+@pytest.mark.parametrize("nan", [False, True])
+def test_features_score_as_each_feature_alone(nan: bool) -> None:
+    """All features are scored at once (one KS call when the rows line up, one call per
+    feature when a NaN makes their sizes differ): each score equals the feature's own."""
+    from scipy.stats import ks_2samp
+
+    profile = _profile()
+    rows = np.vstack([digits().x_test[:100], 16 - digits().x_test[100:200]])
+    if nan:
+        rows[[3, 50], 20] = np.nan
+    window = DriftWindow(profile)
+    window.add(rows)
+    report = window.report()
+    counts = window.counts
+    for i, (feature, drift) in enumerate(zip(profile.features, report.features, strict=True)):
+        bins = len(feature.edges) + 1
+        reference, live = np.asarray(feature.proportions), counts[i, :bins]
+        values = rows[:, i][np.isfinite(rows[:, i])]
+        assert values.size == (198 if nan and i == 20 else 200)
+        p_value = float(ks_2samp(values, np.asarray(feature.sample)).pvalue)
+        assert drift.psi == pytest.approx(psi(reference, live), rel=1e-12, abs=1e-15)
+        assert drift.js == pytest.approx(js_distance(reference, live), rel=1e-12, abs=1e-15)
+        assert drift.p_value == pytest.approx(p_value, rel=1e-12, abs=1e-300)
+        assert drift.drifted == (p_value < 0.05)
+    assert 0 < len(report.drifted_features) < 64
+
+
 def test_windows_merge_and_keep_only_the_last_rows_for_ks() -> None:
     data = digits()
     profile = _profile()

@@ -28,7 +28,6 @@ live has identical shares (PSI 0, JS 0, KS p = 1): it never drifts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,19 +125,31 @@ class DriftReport:
 
 def psi(reference: Array, live: Array) -> float:
     """Population stability index between two count (or share) vectors over the same bins."""
-    p = np.asarray(reference, dtype=np.float64)
-    q = np.asarray(live, dtype=np.float64)
-    p = np.maximum(p / p.sum(), 0.0)
-    q = np.maximum(q / q.sum(), 0.0)
-    p = np.where(p == 0, EPSILON, p)
-    q = np.where(q == 0, EPSILON, q)
-    return float(np.sum((q - p) * np.log(q / p)))
+    return float(_psi(reference, live))
 
 
 def js_distance(reference: Array, live: Array) -> float:
     """Jensen-Shannon distance (base 2, in [0, 1]) between two count or share vectors."""
-    value = float(jensenshannon(np.asarray(reference, float), np.asarray(live, float), base=2))
-    return 0.0 if math.isnan(value) else min(max(value, 0.0), 1.0)
+    return float(_js(reference, live))
+
+
+def _psi(reference: Array, live: Array) -> Array:
+    """``psi`` along the last axis (of ``[features, bins]`` counts: one per feature)."""
+    p = np.asarray(reference, dtype=np.float64)
+    q = np.asarray(live, dtype=np.float64)
+    p = np.maximum(p / p.sum(axis=-1, keepdims=True), 0.0)
+    q = np.maximum(q / q.sum(axis=-1, keepdims=True), 0.0)
+    p = np.where(p == 0, EPSILON, p)
+    q = np.where(q == 0, EPSILON, q)
+    scores: Array = np.sum((q - p) * np.log(q / p), axis=-1)
+    return scores
+
+
+def _js(reference: Array, live: Array) -> Array:
+    """``js_distance`` along the last axis (NaN, from an all-zero vector, counts as 0)."""
+    value = jensenshannon(np.asarray(reference, float), np.asarray(live, float), base=2, axis=-1)
+    distances: Array = np.clip(np.nan_to_num(value, nan=0.0), 0.0, 1.0)
+    return distances
 
 
 def _chi2_p(reference: Array, live: Array) -> float:
@@ -159,10 +170,9 @@ class DriftWindow:
         self.max_rows = max_rows
         self._edges = padded_edges(profile)
         n_features, width = len(profile.features), self._edges.shape[1] + 1
-        self._sizes = [len(f.edges) + 1 for f in profile.features]
         self._reference = np.zeros((n_features, width))
         for i, feature in enumerate(profile.features):
-            self._reference[i, : self._sizes[i]] = feature.proportions
+            self._reference[i, : len(feature.edges) + 1] = feature.proportions
         self._samples = [np.asarray(f.sample, dtype=np.float64) for f in profile.features]
         self._ring = np.empty((max_rows, n_features))
         self.reset()
@@ -235,23 +245,53 @@ class DriftWindow:
         self._next = end % self.max_rows
         self._filled = min(self._filled + n, self.max_rows)
 
-    def _feature(self, i: int, config: DriftConfig) -> FeatureDrift:
-        size = self._sizes[i]
-        reference, live = self._reference[i, :size], self._counts[i, :size]
-        name = self.profile.features[i].name
-        if live.sum() == 0:
-            return FeatureDrift(name, 0.0, 0.0, None, "psi", False)
-        score, distance = psi(reference, live), js_distance(reference, live)
-        if self._rows >= config.large_window:
-            drifted = score >= config.psi_threshold or distance >= config.js_threshold
-            return FeatureDrift(name, score, distance, None, "psi", drifted)
-        values = self._ring[: self._filled, i]
-        values = values[np.isfinite(values)]
-        sample = self._samples[i]
-        if values.size == 0 or sample.size == 0:
-            return FeatureDrift(name, score, distance, None, "ks", False)
-        p_value = float(ks_2samp(values, sample).pvalue)
-        return FeatureDrift(name, score, distance, p_value, "ks", p_value < config.p_threshold)
+    def _features(self, config: DriftConfig) -> tuple[FeatureDrift, ...]:
+        """Every feature's scores and verdict. PSI and JS are computed for all features in
+        one pass over the ``[features, bins]`` counts (padding bins are empty in both
+        distributions: they add nothing), the KS tests in one call when they line up."""
+        seen = self._counts.sum(axis=1) > 0  # a feature with no rows scores 0
+        scores, distances = np.zeros(seen.size), np.zeros(seen.size)
+        scores[seen] = _psi(self._reference[seen], self._counts[seen])
+        distances[seen] = _js(self._reference[seen], self._counts[seen])
+        large = self._rows >= config.large_window
+        p_values = {} if large else self._p_values(np.flatnonzero(seen).tolist())
+        features = []
+        for i, feature in enumerate(self.profile.features):
+            name, score, distance = feature.name, float(scores[i]), float(distances[i])
+            if not seen[i]:
+                features.append(FeatureDrift(name, 0.0, 0.0, None, "psi", False))
+            elif large:
+                drifted = score >= config.psi_threshold or distance >= config.js_threshold
+                features.append(FeatureDrift(name, score, distance, None, "psi", drifted))
+            else:
+                p = p_values.get(i)
+                drifted = p is not None and p < config.p_threshold
+                features.append(FeatureDrift(name, score, distance, p, "ks", drifted))
+        return tuple(features)
+
+    def _p_values(self, columns: list[int]) -> dict[int, float]:
+        """KS p-values of the remembered rows of ``columns`` against each one's reference
+        sample (none for a column without finite rows). When no row has a NaN and the
+        samples are of one size, one ``ks_2samp`` call tests every column: the same
+        p-values, without scipy's per-call overhead (64 calls took about 12 ms)."""
+        rows = self._ring[: self._filled]
+        samples = [self._samples[i] for i in columns]
+        if (
+            columns
+            and rows.shape[0]
+            and len({s.size for s in samples}) == 1
+            and samples[0].size
+            and np.isfinite(rows[:, columns]).all()
+        ):
+            result = ks_2samp(rows[:, columns], np.stack(samples, axis=1), axis=0)
+            return dict(zip(columns, np.atleast_1d(result.pvalue).tolist(), strict=True))
+        p_values: dict[int, float] = {}
+        for i, sample in zip(columns, samples, strict=True):
+            values = rows[:, i]
+            values = values[np.isfinite(values)]
+            if values.size and sample.size:
+                p_values[i] = float(ks_2samp(values, sample).pvalue)
+        return p_values
 
     def _prediction(self, config: DriftConfig) -> FeatureDrift | None:
         if self.profile.prediction is None or self._prediction_rows < config.min_rows:
@@ -274,7 +314,7 @@ class DriftWindow:
         config = DriftConfig() if config is None else config
         features: tuple[FeatureDrift, ...] = ()
         if self._rows >= config.min_rows:
-            features = tuple(self._feature(i, config) for i in range(len(self._sizes)))
+            features = self._features(config)
         drifted = sum(f.drifted for f in features)
         share = drifted / len(features) if features else 0.0
         return DriftReport(
