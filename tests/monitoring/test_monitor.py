@@ -385,6 +385,50 @@ def test_retention_and_input_sampling(registry: Registry, monitor: Monitor) -> N
     rt.close()
 
 
+def test_feedback_reads_back_off_while_none_comes(
+    registry: Registry, monitor: Monitor, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchops.monitoring.feedback import FeedbackStore
+
+    _, _, x_test, y_test, _ = _digits()
+    ids = _serve(monitor, runtime, x_test[:40], "b")
+    monitor.writer.flush()
+    reads: list[int] = []
+    labelled = monitor.observations.labelled
+
+    def counted(model: str, **kwargs: Any) -> Any:
+        reads.append(kwargs["since_id"])
+        return labelled(model, **kwargs)
+
+    monkeypatch.setattr(monitor.observations, "labelled", counted)
+
+    def polls(n: int) -> list[bool]:
+        """Whether each of ``n`` polls of the monitor's own loop read the feedback."""
+        done = []
+        for _ in range(n):
+            before = len(reads)
+            monitor.refresh(eager=False)
+            done.append(len(reads) > before)
+        return done
+
+    # nothing comes: every poll, then every 2nd, then every 4th reads
+    assert polls(12) == [True, True, False, True, False, False, False, True] + [False] * 3 + [True]
+    before = len(reads)
+    monitor.refresh()  # called directly (the quality route): reads at once
+    assert len(reads) == before + 1
+    # labels this monitor takes are read at its next poll
+    monitor.add_feedback_many("digits", list(zip(ids[:20], y_test[:20].tolist(), strict=True)))
+    assert polls(1) == [True]
+    assert monitor.quality("digits")["windows"]["cumulative"]["count"] == 20
+    # labels from another process (``torchops feedback`` without --url) within 4 polls
+    assert polls(4) == [True, True, False, True]
+    FeedbackStore(registry.engine).add_many(
+        "digits", list(zip(ids[20:], y_test[20:40].tolist(), strict=True))
+    )
+    assert polls(4).count(True) >= 1
+    assert monitor.quality("digits")["windows"]["cumulative"]["count"] == 40
+
+
 def test_record_never_raises(monitor: Monitor, runtime: Runtime) -> None:
     monitor.record("digits", 1, runtime.signature, "x", 0.001, {}, {"output": "not an array"})  # type: ignore[dict-item]
     monitor.record("digits", 1, runtime.signature, "y", 0.001, {"x": np.zeros((1, 64))}, {})

@@ -214,7 +214,7 @@ class ObservationStore:
         )
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        if not rows:  # the monitor asks twice a second, mostly to hear that nothing came
+        if not rows:  # the monitor asks every few polls, mostly to hear that nothing came
             return Page([], since_id)
         located = self.locate(model, [r.request_id for r in rows])
         needed = sorted(

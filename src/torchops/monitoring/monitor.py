@@ -16,7 +16,11 @@ thread, every ``poll_interval_s`` (0.5 s):
   ``drift_window`` (500) observations the window is scored and starts again;
 - feedback is read back incrementally (``ObservationStore.labelled``'s cursor) into three
   quality windows per version: cumulative, the last ``quality_window`` (500) labelled
-  rows, the last ``quality_window_seconds`` (3600) seconds of predictions;
+  rows, the last ``quality_window_seconds`` (3600) seconds of predictions. While a
+  model's reads find nothing new they back off — every 2nd, then every 4th poll — until
+  one finds labels or this server takes feedback for the model (labels written by
+  another process, ``torchops feedback`` without ``--url`` or another worker, then arrive
+  within 4 poll intervals); ``refresh()`` called directly reads every model at once;
 
 and every ``snapshot_interval_s`` (10 s) it publishes: Prometheus gauges (the last-N
 window and the latest drift verdict, in the server's registry so ``/metrics`` shows them),
@@ -90,6 +94,9 @@ log = logging.getLogger("torchops.monitoring")
 
 #: labelled observations read per query
 _PAGE = 5000
+#: the most polls between two reads of a model's feedback while none comes (the gap
+#: doubles from 1 after each read that found nothing)
+_QUIET_GAP = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +237,8 @@ class Monitor:
         self._states: dict[tuple[str, int], LiveVersion] = {}
         self._missing: set[tuple[str, int]] = set()
         self._cursors: dict[str, int] = {}
+        # per model whose last feedback read found nothing: (polls to skip, current gap)
+        self._quiet: dict[str, tuple[int, int]] = {}
         self._lock = threading.RLock()
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
@@ -273,7 +282,7 @@ class Monitor:
         next_retention = time.monotonic()
         while not self._stop.wait(opts.poll_interval_s):
             try:
-                self.refresh()
+                self.refresh(eager=False)
                 now = time.monotonic()
                 if now >= next_publish:
                     next_publish = now + opts.snapshot_interval_s
@@ -364,7 +373,9 @@ class Monitor:
         """Label the prediction ``request_id``; a list target for a request of several rows
         labels each of them. NotFound, Conflict or InvalidInput on a refused label."""
         self.watch(model)
-        return self.labeller.add(model, request_id, target, source=source)
+        result = self.labeller.add(model, request_id, target, source=source)
+        self._quiet.pop(model, None)  # read at the next poll
+        return result
 
     def add_feedback_many(
         self, model: str, items: Sequence[tuple[str, Any]], *, source: str = "api"
@@ -372,7 +383,9 @@ class Monitor:
         """Add ``(request id, target)`` items, each accepted or refused on its own (a list
         target for a request of several rows labels all its rows)."""
         self.watch(model)
-        return self.labeller.add_many(model, items, source=source)
+        result = self.labeller.add_many(model, items, source=source)
+        self._quiet.pop(model, None)  # read at the next poll
+        return result
 
     # -- reading the live state -----------------------------------------------------------
 
@@ -422,8 +435,10 @@ class Monitor:
 
     # -- the monitor's steps ---------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Consume newly written observations (drift) and newly labelled ones (quality)."""
+    def refresh(self, *, eager: bool = True) -> None:
+        """Consume newly written observations (drift) and newly labelled ones (quality).
+        ``eager=False`` (the monitor's own polls) skips the feedback reads of models whose
+        last reads found nothing, as the module doc says."""
         with self._lock:
             written: dict[tuple[str, int], list[Batch]] = {}
             while self._written:
@@ -434,10 +449,18 @@ class Monitor:
                 if state is not None:
                     state.add_written(group)
             for model in sorted(self._watched):
-                self._consume_labelled(model)
+                skip, gap = self._quiet.get(model, (0, 0))
+                if skip and not eager:
+                    self._quiet[model] = (skip - 1, gap)
+                elif self._consume_labelled(model):
+                    self._quiet.pop(model, None)
+                else:
+                    gap = min(2 * gap, _QUIET_GAP) if gap else 1
+                    self._quiet[model] = (gap - 1, gap)
 
-    def _consume_labelled(self, model: str) -> None:
-        cursor = self._cursors.get(model, 0)
+    def _consume_labelled(self, model: str) -> bool:
+        """Read the feedback that came since the last read; whether any did."""
+        start = cursor = self._cursors.get(model, 0)
         while True:
             page = self.observations.labelled(model, since_id=cursor, limit=_PAGE, arrays=False)
             for (name, version), group in _grouped(page.observations).items():
@@ -448,6 +471,7 @@ class Monitor:
                 break
             cursor = page.cursor
         self._cursors[model] = cursor
+        return cursor != start
 
     def _signature(self, model: str, version: int) -> Signature:
         signature = self._signatures.get((model, version))
