@@ -10,7 +10,6 @@ from torchops.monitoring._live import LiveVersion
 from torchops.monitoring._record import RowRule
 from torchops.monitoring.drift import DriftConfig
 from torchops.monitoring.profiles import build_profile
-from torchops.monitoring.store import ArrayEncoder
 from torchops.types import Signature, TensorSpec
 
 SIGNATURE = Signature(
@@ -46,7 +45,7 @@ def _batch(rows: int, first: int, *, inputs: bool = True) -> Batch:
         "m", 1, list(range(first, first + rows)), None, time.time(), [now] * rows, now,
         {"y": y}, {"x": x} if inputs else None, RowRule(SIGNATURE, trusted=True),
     )  # fmt: skip
-    return Batch.build([observed], "p", ArrayEncoder())
+    return Batch.build([observed], "p")
 
 
 def test_windows_fill_across_batches_and_superseded_ones_are_only_counted() -> None:

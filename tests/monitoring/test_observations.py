@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from torchops.monitoring import _capture as capture_module
 from torchops.monitoring import observations as observations_module
 from torchops.monitoring import store
 from torchops.monitoring._batches import Batch
+from torchops.monitoring._capture import Capture
 from torchops.monitoring._record import RowRule
 from torchops.monitoring.feedback import FeedbackStore
 from torchops.monitoring.observations import (
@@ -643,9 +645,14 @@ def test_a_tap_lets_go_of_its_capture_once_the_writer_takes_it(
     tap = writer.tap("clf", 1, rule)
     assert writer.tap("clf", 1, rule) is tap  # one per (model, version, rule)
     inputs = _inputs(1, 0)
-    held = [weakref.ref(a) for a in inputs.values()]  # kept as given, not copied
+    given = [weakref.ref(a) for a in inputs.values()]
     assert tap.put([1], None, [1.0], 2.0, 1e9, _scores(1, 0), inputs)
     del inputs
+    assert all(r() is None for r in given)  # copied into the capture, not kept as given
+    capture = writer._queue[0]
+    assert isinstance(capture, Capture) and capture.inputs is not None
+    held = [weakref.ref(a) for a in (*capture.outputs.values(), *capture.inputs.values())]
+    del capture
     assert all(r() is not None for r in held)  # buffered
     writer.flush()
     # stored, and nothing keeps its arrays alive (a version that stops serving keeps its tap)
@@ -655,6 +662,52 @@ def test_a_tap_lets_go_of_its_capture_once_the_writer_takes_it(
     assert [o.request_id for o in ObservationStore(engine).observations("clf").observations] == [
         "srv-1", "srv-2",
     ]  # fmt: skip
+
+
+def test_a_tap_copies_batches_into_buffers_sized_from_the_last_flush(
+    engine: Engine, classifier: ModelVersion, caplog: pytest.LogCaptureFixture
+) -> None:
+    rule = RowRule(classifier.signature, trusted=True)
+    writer = ObservationWriter(engine, id_prefix="srv")
+    tap = writer.tap("clf", 1, rule)
+
+    def open_capture() -> Capture:
+        capture = tap._captures[True]
+        assert capture is not None
+        return capture
+
+    for n in range(50):  # 100 rows: the first capture's buffers (1024 rows) hold them
+        assert tap.put(
+            [2 * n, 2 * n + 1], None, [1.0, 1.0], 2.0, 1e9, _scores(2, n), _inputs(2, 2 * n)
+        )
+    assert open_capture().outputs["output"].shape == (1024, 3)
+    writer.flush()
+    stored = ObservationStore(engine).observations("clf", limit=1000).observations
+    assert [o.request_id for o in stored] == [f"srv-{i}" for i in range(100)]
+    np.testing.assert_array_equal(
+        np.concatenate([o.inputs["input"] for o in stored if o.inputs is not None]),
+        _inputs(100, 0)["input"],
+    )
+    # the next capture is made for the last one's rows and a quarter more
+    assert tap.put([100], None, [1.0], 2.0, 1e9, _scores(1, 0), _inputs(1, 100))
+    assert open_capture().outputs["output"].shape == (125, 3)
+    # a batch whose arrays do not stack with the open capture's starts a new one
+    wide = {"output": np.ones((1, 3), np.float64)}
+    assert tap.put([101], None, [1.0], 2.0, 1e9, wide, _inputs(1, 101))
+    assert open_capture().outputs["output"].dtype == np.float64 and writer.buffered == 2
+    # a batch that cannot be taken at all leaves the buffer's counts as they were
+    with pytest.raises(TypeError):
+        tap.put([102], None, ["soon"], 2.0, 1e9, wide, _inputs(1, 102))  # type: ignore[list-item]
+    assert writer.buffered == 2 and writer.buffered_bytes == 2 * 28
+    with pytest.raises(ValueError):  # two requests, one row: no capture takes it
+        tap.put([103, 104], None, [1.0, 1.0], 2.0, 1e9, wide, _inputs(1, 103))
+    assert writer.buffered == 2
+    with caplog.at_level(logging.WARNING, logger="torchops"):
+        writer.flush()  # the capture opened for it stays empty and is not written
+    assert not caplog.records and writer.dropped == 0
+    stored = ObservationStore(engine).observations("clf", limit=1000).observations
+    assert [o.request_id for o in stored][-2:] == ["srv-100", "srv-101"]
+    assert stored[-1].outputs["output"].dtype == np.float64
 
 
 def test_gathered_rows_respect_the_stored_batch_caps_and_the_buffer(

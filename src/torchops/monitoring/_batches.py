@@ -1,9 +1,10 @@
 """Observations as the writer keeps them: columns of a batch of rows, not one object per row.
 
 The request path hands the writer its model batches (``torchops.monitoring._capture``:
-the stacked inputs and outputs the model saw, the requests' ids and start times, no
-per-row work). A flush turns each version's captured batches into ``Batch`` es — numpy
-columns, one entry per predicted row — and stores each as one ``observation_batches`` row:
+the stacked inputs and outputs the model saw, copied into column buffers, the requests'
+ids and start times, no per-row work). A flush turns each version's capture into a
+``Batch`` — numpy columns, one entry per predicted row, the arrays views of the buffers
+— and stores each as one ``observation_batches`` row:
 
 - ``ids``: safetensors ``numbers`` (int64: ``n`` of a server-generated request id
   ``<prefix>-<n>``, -1 for an id the client chose) and ``parts`` (int32: the row's index
@@ -91,8 +92,6 @@ class Batch:
     id: int | None = None
     #: derives the predictions from the outputs (``derive``) when none are stored
     rule: RowRule | None = field(default=None, repr=False)
-    #: ``outputs`` / ``inputs`` already as safetensors bytes (their arrays are views of them)
-    encoded: dict[str, bytearray] = field(default_factory=dict, repr=False)
     #: derived predictions, computed on first use: class indices and probabilities, or
     #: the rows of the first output
     _classes: Array | None = field(default=None, repr=False)
@@ -112,17 +111,15 @@ class Batch:
     # -- building ----------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls, group: Sequence[ObservedBatch], prefix: str | None, encoder: ArrayEncoder
-    ) -> Batch:
+    def build(cls, group: Sequence[ObservedBatch], prefix: str | None) -> Batch:
         """One batch from captures of the same model, version and layout."""
-        batch = cls.assemble(Capture.of(group), prefix, encoder)
+        batch = cls.assemble(Capture.of(group), prefix)
         if group[0].rule is None:
             batch._given(group)
         return batch
 
     @classmethod
-    def assemble(cls, capture: Capture, prefix: str | None, encoder: ArrayEncoder) -> Batch:
+    def assemble(cls, capture: Capture, prefix: str | None) -> Batch:
         """The columns of ``capture`` (whose ``rule`` derives the predictions, if any)."""
         ids, counts = capture.ids, capture.counts
         requests = capture.requests
@@ -156,11 +153,7 @@ class Batch:
                       for _ in range(k)]  # fmt: skip
             at_rows = np.repeat(at_requests, count)
             latency_rows = np.repeat(latency, count)
-        encoded: dict[str, bytearray] = {}
-        outputs = _stack(capture.outputs, encoder, encoded, "outputs")
-        inputs = None
-        if capture.inputs is not None:
-            inputs = _stack(capture.inputs, encoder, encoded, "inputs")
+        outputs, inputs = capture.columns()
         batch = cls(
             capture.model,
             capture.version,
@@ -174,7 +167,6 @@ class Batch:
             inputs,
             None,
         )
-        batch.encoded = encoded
         batch.rule = capture.rule
         return batch
 
@@ -230,8 +222,11 @@ class Batch:
 
     # -- storing and reading -----------------------------------------------------------
 
-    def encode(self, encoder: ArrayEncoder) -> dict[str, Any]:
-        """The ``observation_batches`` values of this batch (without ``id``)."""
+    def encode(self, encoder: ArrayEncoder, *, pieces: bool = False) -> dict[str, Any]:
+        """The ``observation_batches`` values of this batch (without ``id``); with
+        ``pieces``, ``outputs`` and ``inputs`` are lists of buffers to be written one after
+        another (``ArrayEncoder.pieces``: no copy of the arrays) instead of bytes."""
+        encode = encoder.pieces if pieces else encoder.encode
         generated = self.numbers[self.numbers >= 0]
         ranged = generated.size and not self.wide  # wide: found through observation_ids
         columns: dict[str, Array] = {"at": self.at, "latency": self.latency}
@@ -255,10 +250,8 @@ class Batch:
             # derived predictions are not stored: they are computed again when read
             "predictions": _json_list(self.given),
             "probas": _json_list(self.given_proba),
-            "outputs": self.encoded.get("outputs") or encoder.encode(self.outputs),
-            "inputs": None
-            if self.inputs is None
-            else self.encoded.get("inputs") or encoder.encode(self.inputs),
+            "outputs": encode(self.outputs),
+            "inputs": None if self.inputs is None else encode(self.inputs),
         }
 
     @classmethod
@@ -432,20 +425,6 @@ def _pick(values: list[Any] | None, mask: Array) -> list[Any] | None:
 def _json_list(values: list[Any] | None) -> str | None:
     """JSON text of a list of values, each as ``json_text`` writes it (NaN → null)."""
     return None if values is None else "[" + ",".join(json_text(v) for v in values) + "]"
-
-
-def _stack(
-    parts: Sequence[Mapping[str, Array]],
-    encoder: ArrayEncoder,
-    encoded: dict[str, bytearray],
-    kind: str,
-) -> dict[str, Array]:
-    """``parts`` stacked; also into ``encoded[kind]`` as safetensors bytes when they fit."""
-    try:
-        encoded[kind], arrays = encoder.stack(parts)
-    except ValueError:  # a dtype safetensors has no name for: stacked, encoded later
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return arrays
 
 
 def _utc(seconds: float) -> datetime:

@@ -3,10 +3,10 @@
 ``ObservedBatch`` is one model batch: the requests' ids (the number ``n`` of a
 server-generated id ``<prefix>-<n>``, or the client's own id), their start times, and the
 stacked arrays the model saw and answered. ``Capture`` gathers the model batches of one
-version into columns as they come; ``Tap`` is the server's way in, one per (model,
-version, rule): a model batch appended to the open capture under the writer's lock, a few
-list operations. ``find_row`` and ``buffered_versions`` find request ids among buffered
-batches, for feedback that arrives before its prediction is written.
+version into columns as they come (its arrays' rows copied into column buffers); ``Tap``
+is the server's way in, one per (model, version, rule): a model batch appended to the open
+capture under the writer's lock. ``find_row`` and ``buffered_versions`` find request ids
+among buffered batches, for feedback that arrives before its prediction is written.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ __all__ = [
 MAX_STORED_ROWS = 65_536
 #: the most array bytes one stored batch holds (SQLite and PostgreSQL cap a value at 1 GB)
 MAX_STORED_BYTES = 256 * 1024 * 1024
+#: rows of the buffers of a tap's first capture (later ones: the last one's, plus a quarter)
+_FIRST_ROWS = 1024
+#: and at most these bytes (rows of images)
+_FIRST_BYTES = 16 * 1024 * 1024
 #: a server-generated request id: ``<prefix>-<n>`` with an optional ``/<part>``
 _GENERATED = re.compile(r"^(.+)-(\d{1,18})(?:/(\d{1,9}))?$")
 
@@ -84,21 +88,26 @@ class ObservedBatch:
 @dataclass(slots=True, eq=False)
 class Capture:
     """Model batches of one version gathered into columns as they come: request ids and
-    start times, per model batch its finish times, request count and arrays. The
-    writer's observer path appends to one (``add``, a few list operations under the
-    writer's lock) instead of keeping an object per model batch; ``Batch.assemble`` makes
-    the stored columns from it. ``inputs`` is None when the batches keep none.
+    start times, per model batch its finish times and request count, and the rows of its
+    arrays. The writer's observer path appends to one (``add``, under the writer's lock)
+    instead of keeping an object per model batch; ``Batch.assemble`` takes the columns
+    as they are.
 
-    Start times, and the ids while all are server-generated numbers, are copied into
-    machine arrays (``array('d')``, ``array('q')``) as they come rather than kept as
-    Python objects: the request path's floats and ints are freed with their requests,
-    and the writer reads two buffers instead of visiting thousands of objects that have
-    long left the CPU's caches. A client's id turns ``ids`` into a list."""
+    Nothing of a model batch is kept but copies: its arrays' rows go into column buffers
+    (``outputs``, ``inputs``: one array per name, ``capacity`` rows, the first ``size``
+    filled, grown by doubling), its start times, and its ids while all are
+    server-generated numbers, into machine arrays (``array('d')``, ``array('q')``); a
+    client's id turns ``ids`` into a list. The request path's arrays, floats and ints are
+    freed with their requests: a server that kept each batch's arrays until the writer
+    took them used about 0.8 µs more CPU per request of the benchmark's (of 33 µs;
+    ``docs/monitoring-cost.md``), and its writer had to stack them anyway. ``inputs`` is
+    None when the batches keep none."""
 
     model: str
     version: int
     rule: RowRule | None
-    inputs: list[Mapping[str, Array]] | None
+    #: rows the column buffers are made with (they double when a batch does not fit)
+    capacity: int
     ids: array[int] | list[int | str] = field(default_factory=lambda: array("q"))
     started: array[float] = field(default_factory=lambda: array("d"))
     #: per model batch: when its outputs were ready (monotonic, epoch) and its requests
@@ -107,12 +116,20 @@ class Capture:
     requests: list[int] = field(default_factory=list)
     #: rows per request; None while every request has one
     counts: list[int] | None = None
-    outputs: list[Mapping[str, Array]] = field(default_factory=list)
+    outputs: dict[str, Array] = field(default_factory=dict)
+    inputs: dict[str, Array] | None = None
     #: predicted rows and bytes of arrays held
     size: int = 0
     nbytes: int = 0
     #: the tap that appends to it until the writer takes it
     tap: Tap | None = None
+
+    @classmethod
+    def open(
+        cls, model: str, version: int, rule: RowRule | None, *, inputs: bool, capacity: int
+    ) -> Capture:
+        """An empty capture (keeping inputs or not) whose buffers start at ``capacity`` rows."""
+        return cls(model, version, rule, max(1, capacity), inputs=({} if inputs else None))
 
     def add(
         self,
@@ -126,7 +143,14 @@ class Capture:
         size: int,
         nbytes: int,
     ) -> None:
-        """Append one model batch of ``size`` rows (``inputs`` given iff kept)."""
+        """Append one model batch of ``size`` rows (``inputs`` given iff kept). Raises
+        ``ValueError`` when its arrays do not stack with those before (other names, dtypes
+        or row shapes) and ``TypeError`` for start times that are not numbers, leaving the
+        capture as it was."""
+        end = self.size + size
+        _fill(self.outputs, outputs, self.size, end, self.capacity)
+        if self.inputs is not None:
+            _fill(self.inputs, inputs or {}, self.size, end, self.capacity)
         self.started.fromlist(started if type(started) is list else list(started))
         if rows is not None and self.counts is None:
             self.counts = [1] * len(self.ids)
@@ -144,17 +168,17 @@ class Capture:
         self.done.append(done)
         self.at.append(at)
         self.requests.append(len(ids))
-        self.outputs.append(outputs)
-        if self.inputs is not None:
-            self.inputs.append(inputs)  # type: ignore[arg-type]
-        self.size += size
+        self.size = end
         self.nbytes += nbytes
 
     @classmethod
     def of(cls, group: Sequence[ObservedBatch]) -> Capture:
         """``group`` (same model, version and layout) in columns."""
         first = group[0]
-        capture = cls(first.model, first.version, first.rule, None if first.inputs is None else [])
+        capture = cls.open(
+            first.model, first.version, first.rule, inputs=first.inputs is not None,
+            capacity=sum(b.size for b in group),
+        )  # fmt: skip
         for b in group:
             nbytes = sum(a.nbytes for a in (*b.outputs.values(), *(b.inputs or {}).values()))
             capture.add(
@@ -162,31 +186,75 @@ class Capture:
             )
         return capture
 
+    def columns(self) -> tuple[dict[str, Array], dict[str, Array] | None]:
+        """The filled rows of the outputs and inputs (views of the buffers: rows once
+        added are never written again)."""
+        rows = slice(0, self.size)
+        outputs = {k: v[rows] for k, v in self.outputs.items()}
+        return outputs, None if self.inputs is None else {
+            k: v[rows] for k, v in self.inputs.items()
+        }
+
     def batches(self) -> list[ObservedBatch]:
-        """The model batches again, one ``ObservedBatch`` each (a copy of the lists)."""
+        """The model batches again, one ``ObservedBatch`` each (copies of the lists, views
+        of the buffers)."""
         result: list[ObservedBatch] = []
-        start = 0
+        start = row = 0
         for index, n in enumerate(self.requests):
             end = start + n
+            counts = None if self.counts is None else self.counts[start:end]
+            part = slice(row, row + (n if counts is None else sum(counts)))
             result.append(ObservedBatch(
-                self.model, self.version, self.ids[start:end],
-                None if self.counts is None else self.counts[start:end], self.at[index],
-                self.started[start:end], self.done[index], self.outputs[index],
-                None if self.inputs is None else self.inputs[index], self.rule,
+                self.model, self.version, self.ids[start:end], counts, self.at[index],
+                self.started[start:end], self.done[index],
+                {k: v[part] for k, v in self.outputs.items()},
+                None if self.inputs is None else {k: v[part] for k, v in self.inputs.items()},
+                self.rule,
             ))  # fmt: skip
-            start = end
+            start, row = end, part.stop
         return result
+
+
+def _fill(
+    columns: dict[str, Array], arrays: Mapping[str, Array], start: int, end: int, capacity: int
+) -> None:
+    """Copy ``arrays`` into rows ``start:end`` of ``columns`` (made at the first batch with
+    ``capacity`` rows, doubled when too small); ``ValueError`` if they do not stack."""
+    if not columns:
+        for name, a in arrays.items():
+            columns[name] = np.empty((max(capacity, end), *a.shape[1:]), a.dtype)
+    elif columns.keys() != arrays.keys():
+        raise ValueError(f"arrays {sorted(arrays)} do not stack with {sorted(columns)}")
+    for name, a in arrays.items():
+        column = columns[name]
+        if a.dtype != column.dtype or a.shape[1:] != column.shape[1:] or a.shape[0] != end - start:
+            raise ValueError(
+                f"{name!r} {a.dtype}{list(a.shape)} does not stack with "
+                f"{column.dtype}{list(column.shape[1:])}"
+            )
+    for name, a in arrays.items():
+        column = columns[name]
+        if end > column.shape[0]:
+            grown = np.empty((max(end, 2 * column.shape[0]), *column.shape[1:]), column.dtype)
+            grown[:start] = column[:start]
+            columns[name] = column = grown
+        column[start:end] = a
 
 
 class Tap:
     """``ObservationWriter.put_rows`` for one (model, version, rule), with what it needs
     at hand: the server's observer calls ``put`` once per model batch on the batcher's
     thread, so it does only what the buffer's bounds need — a row count, a byte count
-    (every row of a fixed rule has the same size), a few appends under the writer's lock.
-    Rules that are not trusted and fixed go through ``put_batch`` (checked when written).
+    (every row of a fixed rule has the same size) — and copies the batch into the open
+    capture under the writer's lock. A new capture's buffers are sized from the last one
+    the writer took (plus a quarter), so that at a steady rate they are made once per
+    flush and never grown. Rules that are not trusted and fixed go through
+    ``put_batch`` (checked when written).
     """
 
-    __slots__ = ("_captures", "_direct", "_row_bytes", "model", "rule", "version", "writer")
+    __slots__ = (
+        "_captures", "_direct", "_row_bytes", "_rows_taken", "model", "rule", "version", "writer",
+    )  # fmt: skip
 
     def __init__(self, writer: ObservationWriter, model: str, version: int, rule: RowRule):
         self.writer = writer
@@ -194,10 +262,11 @@ class Tap:
         self.version = version
         self.rule = rule
         self._direct = rule.trusted and rule.fixed
-        # per "inputs kept" (False, True): the open capture (until the writer takes it)
-        # and the bytes of one row
+        # per "inputs kept" (False, True): the open capture (until the writer takes it),
+        # the bytes of one row and the rows of the last capture the writer took
         self._captures: list[Capture | None] = [None, None]
         self._row_bytes = [-1, -1]
+        self._rows_taken = [0, 0]
 
     def put(
         self,
@@ -217,9 +286,6 @@ class Tap:
             )  # fmt: skip
             return writer.put_batch(batch)
         size = len(ids) if rows is None else sum(rows)
-        # views of other objects (a runtime's torch tensors) are copied: a buffered tensor
-        # would be traversed by every garbage collection of the process until written
-        outputs = {k: v if v.base is None else np.array(v) for k, v in outputs.items()}
         kept = inputs is not None
         row_bytes = self._row_bytes[kept]
         if row_bytes < 0:
@@ -231,18 +297,49 @@ class Tap:
         with writer._lock:
             fits = writer._fits(size, nbytes)
             if fits:
-                capture = self._captures[kept]
-                if (
-                    capture is None
-                    or capture.size + size > MAX_STORED_ROWS
-                    or capture.nbytes + nbytes > MAX_STORED_BYTES
-                ):
-                    capture = Capture(self.model, self.version, self.rule, [] if kept else None)
-                    capture.tap = self
-                    self._captures[kept] = capture
-                    writer._queue.append(capture)
-                capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
+                try:
+                    self._add(kept, ids, rows, started, done, at, outputs, inputs, size, nbytes)
+                except BaseException:
+                    writer._unfit(size, nbytes)
+                    raise
         return writer._placed(self.model, size, fits)
+
+    def _add(
+        self,
+        kept: bool,
+        ids: Sequence[int | str],
+        rows: Sequence[int] | None,
+        started: Sequence[float],
+        done: float,
+        at: float,
+        outputs: Mapping[str, Array],
+        inputs: Mapping[str, Array] | None,
+        size: int,
+        nbytes: int,
+    ) -> None:
+        capture = self._captures[kept]
+        if (
+            capture is None
+            or capture.size + size > MAX_STORED_ROWS
+            or capture.nbytes + nbytes > MAX_STORED_BYTES
+        ):
+            capture = self._open(kept, size, nbytes)
+        try:
+            capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
+        except ValueError:  # arrays that do not stack with the capture's: a new capture
+            capture = self._open(kept, size, nbytes)
+            capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
+
+    def _open(self, kept: bool, size: int, nbytes: int) -> Capture:
+        """A new open capture (queued for the writer) with room for the expected rows."""
+        row = max(1, nbytes // max(1, size))
+        expected = self._rows_taken[kept] * 5 // 4 or min(_FIRST_ROWS, _FIRST_BYTES // row)
+        capacity = max(size, min(expected, MAX_STORED_ROWS, MAX_STORED_BYTES // row))
+        capture = Capture.open(self.model, self.version, self.rule, inputs=kept, capacity=capacity)
+        capture.tap = self
+        self._captures[kept] = capture
+        self.writer._queue.append(capture)
+        return capture
 
     def release(self, capture: Capture) -> None:
         """Let go of ``capture`` and detach it (the writer has taken it; the caller holds
@@ -250,6 +347,7 @@ class Tap:
         longer serves keeps no arrays alive."""
         capture.tap = None
         kept = capture.inputs is not None
+        self._rows_taken[kept] = capture.size
         if self._captures[kept] is capture:
             self._captures[kept] = None
 

@@ -39,7 +39,7 @@ import os
 import secrets
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from sqlalchemy import Engine, delete, exists, insert, select, update
 
 from torchops.errors import ArtifactCorrupted
 from torchops.monitoring import store
+from torchops.monitoring.store import Piece
 from torchops.registry.store import utcnow
 
 __all__ = ["SegmentReader", "SegmentWriter", "segment_dir", "sweep"]
@@ -111,27 +112,28 @@ class SegmentWriter:
             log.exception("could not open an observation segment in %s", self.directory)
         return self._fd is not None
 
-    def append(self, outputs: bytes, inputs: bytes | None) -> dict[str, Any]:
-        """Append one batch's array bytes to the open segment; the ``observation_batches``
-        values that point at them (with the inline columns emptied)."""
+    def append(self, outputs: Sequence[Piece], inputs: Sequence[Piece] | None) -> dict[str, Any]:
+        """Append one batch's array bytes, each given as pieces to write one after another,
+        to the open segment; the ``observation_batches`` values that point at them (with
+        the inline columns emptied)."""
         if self._fd is None:
             raise RuntimeError("no open observation segment (call ready first)")
-        parts = [outputs, _crc(outputs)]
+        parts = [*outputs, _crc(outputs)]
         if inputs is not None:
-            parts += [inputs, _crc(inputs)]
+            parts += [*inputs, _crc(inputs)]
         offset = self._size
         try:
             _write_all(self._fd, parts)
         except OSError:
             os.ftruncate(self._fd, offset)  # no partial record for the next one to follow
             raise
-        self._size = offset + sum(len(p) for p in parts)
+        self._size = offset + _size(parts)
         self._dirty = True
         return {
             "segment": self._name,
             "segment_offset": offset,
-            "outputs_size": len(outputs),
-            "inputs_size": None if inputs is None else len(inputs),
+            "outputs_size": _size(outputs),
+            "inputs_size": None if inputs is None else _size(inputs),
             "outputs": b"",
             "inputs": None,
         }
@@ -353,18 +355,26 @@ def _intact(fd: int, row: Any) -> bool:
 def _checked(fd: int, offset: int, size: int) -> bytes | None:
     """The ``size`` bytes at ``offset`` if they are all there and match their CRC-32."""
     data = os.pread(fd, size + _CRC, offset)
-    if len(data) != size + _CRC or data[size:] != _crc(data[:size]):
+    if len(data) != size + _CRC or data[size:] != _crc([data[:size]]):
         return None
     return data[:size]
 
 
-def _crc(data: bytes | memoryview) -> bytes:
-    return zlib.crc32(data).to_bytes(_CRC, "little")
+def _crc(pieces: Sequence[Piece]) -> bytes:
+    """The CRC-32 of the pieces one after another, as the segment stores it."""
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return crc.to_bytes(_CRC, "little")
 
 
-def _write_all(fd: int, parts: list[bytes]) -> None:
+def _size(pieces: Sequence[Piece]) -> int:
+    return sum(memoryview(p).nbytes for p in pieces)
+
+
+def _write_all(fd: int, parts: list[Piece]) -> None:
     written = os.writev(fd, parts)
-    total = sum(len(p) for p in parts)
+    total = _size(parts)
     if written < total:  # a short write (a signal, a full disk): write the rest
         rest = memoryview(b"".join(parts))[written:]
         while rest:

@@ -1,8 +1,8 @@
 """The server's monitor: predictions in, live quality, drift and alerts out, off the request path.
 
 All the request path pays is ``Monitor.observer``'s callback, which each batcher calls
-once per batch it answered: it hands the stacked inputs and outputs and the requests' ids
-and start times to the ``ObservationWriter`` (a deque append, no per-row work). The writer's
+once per batch it answered: it copies the stacked inputs and outputs and the requests' ids
+and start times into the ``ObservationWriter``'s buffer (no per-row work). The writer's
 thread computes the predictions of a whole stored batch at once (the rule is in
 ``torchops.monitoring._record``: argmax and class probabilities — the row itself when it
 already sums to 1, else its softmax — for classifiers, the values for regressors).

@@ -2,12 +2,13 @@
 
 ``ObservationWriter.tap(model, version, rule).put`` is what the server calls (``put_rows``
 does the same for other callers), once per model batch, from the batcher's compute
-thread: the stacked inputs and outputs the model saw and the requests' ids and start
-times, appended to the version's open ``Capture`` — no per-row work, no encode, no
-database call. A background thread takes the buffer every
-``flush_interval_s`` (or sooner once ``batch_size`` rows wait) and stores each capture
-as one row of columns (``torchops.monitoring._batches``): the cost of storing an
-observation is a share of one insert and a copy of its bytes. A full buffer (rows or
+thread: the stacked inputs and outputs the model saw are copied into the column buffers
+of the version's open ``Capture``, and the requests' ids and start times into machine
+arrays — no per-row work, no encode, no database call. A background thread takes the
+buffer every ``flush_interval_s`` (or sooner once ``batch_size`` rows wait) and stores
+each capture as one row of columns (``torchops.monitoring._batches``), its array bytes
+written from the buffers as they are: the cost of storing an observation is a share of
+one insert and two copies of its bytes. A full buffer (rows or
 bytes) drops the observations and counts them (``dropped``, ``on_drop``) rather than
 slowing requests.
 
@@ -77,7 +78,8 @@ class ObservationWriter:
 
     ``max_buffer`` and ``batch_size`` count rows (predictions); ``max_buffer_bytes`` bounds
     the bytes of the arrays buffered (large inputs such as images fill it long before
-    ``max_buffer`` rows). ``id_prefix`` is the prefix
+    ``max_buffer`` rows; the buffers that hold them are made with room for a quarter more
+    than the last flush held). ``id_prefix`` is the prefix
     of the server's generated request ids (``<prefix>-<n>``): batches name such requests
     by ``n`` alone. ``on_drop(model, count)`` is called for observations that are dropped
     (buffer full, writer closed, a duplicate request id, or a batch the database refused);
@@ -207,6 +209,12 @@ class ObservationWriter:
         self._buffered_bytes += nbytes
         return True
 
+    def _unfit(self, rows: int, nbytes: int) -> None:
+        """Undo ``_fits`` for rows that could not be placed after all (the caller holds
+        the lock)."""
+        self._buffered -= rows
+        self._buffered_bytes -= nbytes
+
     def _placed(self, model: str, rows: int, fits: bool) -> bool:
         """After ``_fits`` (outside the lock): count the rows as dropped if they did not
         fit, or wake the writer once ``batch_size`` rows wait."""
@@ -276,14 +284,14 @@ class ObservationWriter:
         for batch in self._pending_batches(model):
             row = find_row(batch, request_id, self.id_prefix)
             if row is not None:
-                return Batch.build([batch], self.id_prefix, self._encoder).observation(row)
+                return Batch.build([batch], self.id_prefix).observation(row)
         return None
 
     def pending_ids(self, model: str) -> set[str]:
         """Request ids of ``model`` buffered or being written but not committed yet."""
         ids: set[str] = set()
         for batch in self._pending_batches(model):
-            ids.update(Batch.build([batch], self.id_prefix, self._encoder).row_ids())
+            ids.update(Batch.build([batch], self.id_prefix).row_ids())
         return ids
 
     def pending_versions(self, model: str, request_ids: Iterable[str]) -> dict[str, int]:
@@ -391,8 +399,11 @@ class ObservationWriter:
                 if isinstance(item, _Marker):
                     markers.append(item)
                     break  # what came before the marker is written before it is set
-                if isinstance(item, Capture) and item.tap is not None:
-                    item.tap.release(item)  # rows from now on go to a new one
+                if isinstance(item, Capture):
+                    if item.tap is not None:
+                        item.tap.release(item)  # rows from now on go to a new one
+                    if not item.size:  # opened for a batch that could not be added
+                        continue
                 taken.append(item)
                 self._buffered -= item.size
                 self._buffered_bytes -= item.nbytes if isinstance(item, Capture) else _nbytes(item)
@@ -408,11 +419,11 @@ class ObservationWriter:
             try:
                 if isinstance(part, Capture):
                     model, rows = part.model, part.size
-                    batch = Batch.assemble(part, self.id_prefix, self._encoder)
+                    batch = Batch.assemble(part, self.id_prefix)
                 else:
                     model, rows = part[0].model, _rows(part)
-                    batch = Batch.build(part, self.id_prefix, self._encoder)
-                values = batch.encode(self._encoder)
+                    batch = Batch.build(part, self.id_prefix)
+                values = batch.encode(self._encoder, pieces=True)
             except Exception as exc:  # e.g. arrays safetensors cannot hold: these alone
                 log.warning("dropping %d observations of %s: %s", rows, model, exc)
                 self._drop({model: rows})
@@ -511,7 +522,7 @@ class ObservationWriter:
                 )
                 self._drop({batch.model: lost})
                 batch = batch.keep(keep)
-                values = batch.encode(self._encoder)
+                values = batch.encode(self._encoder, pieces=True)
         if not batch.rows:
             return batch
         # the new id as the driver reports it (SQLite's last rowid; PostgreSQL's RETURNING):
@@ -520,6 +531,10 @@ class ObservationWriter:
         # CPU per stored byte (measured)
         if self._segments is not None and self._segments.open:
             values.update(self._segments.append(values["outputs"], values["inputs"]))
+        else:  # the array bytes go in the row
+            for key in ("outputs", "inputs"):
+                if values[key] is not None:
+                    values[key] = b"".join(values[key])
         inserted = conn.execute(store.observation_batches.insert(), values).inserted_primary_key
         if inserted is None or inserted[0] is None:
             raise RuntimeError("the database did not report the id of the stored batch")

@@ -20,11 +20,12 @@ segment file beside a SQLite database (``segment``, ``segment_offset``, ``output
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ __all__ = [
     "ID_SPAN",
     "SCHEMA_VERSION",
     "ArrayEncoder",
+    "Piece",
     "Signatures",
     "alert_events",
     "alert_rules",
@@ -273,6 +275,10 @@ def _add_columns(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+#: a piece of bytes to write (``ArrayEncoder.pieces``): bytes or a view of an array's
+Piece = bytes | memoryview
+
+
 class ArrayEncoder:
     """Named arrays as safetensors bytes, fast for the few layouts a model's traffic has.
 
@@ -287,50 +293,46 @@ class ArrayEncoder:
         self._headers: dict[tuple[tuple[str, Any, tuple[int, ...]], ...], bytes] = {}
 
     def encode(self, arrays: Mapping[str, Array]) -> bytes:
+        header = self._header(arrays)
+        if header is None:
+            return _encode_arrays(arrays)
+        # tobytes() is C order whatever the array's memory layout
+        return header + b"".join([a.tobytes() for a in arrays.values()])
+
+    def pieces(self, arrays: Mapping[str, Array]) -> list[Piece]:
+        """``encode(arrays)`` as buffers to be written one after another: the header, then
+        each array's bytes (a view of a C-contiguous array, not a copy)."""
+        header = self._header(arrays)
+        if header is None:
+            return [_encode_arrays(arrays)]
+        return [header, *[_raw(a) for a in arrays.values()]]
+
+    def _header(self, arrays: Mapping[str, Array]) -> bytes | None:
+        """The cached safetensors header of ``arrays``; None when safetensors cannot hold
+        them (not numpy arrays, other dtypes or byte orders)."""
         try:
             # keyed on the dtype object (``dtype.str`` is computed on each access); equal
             # numpy dtypes have the same ``str``; a list, not a generator: this is per row
             layout = tuple([(name, a.dtype, a.shape) for name, a in arrays.items()])
         except AttributeError:  # not numpy arrays
-            return _encode_arrays(arrays)
+            return None
         header = self._headers.get(layout)
         if header is None:
             header = _safetensors_header(layout)
             if header is None:
-                return _encode_arrays(arrays)
+                return None
             if len(self._headers) >= self.cache_size:
                 self._headers.clear()
             self._headers[layout] = header
-        # tobytes() is C order whatever the array's memory layout
-        return header + b"".join([a.tobytes() for a in arrays.values()])
+        return header
 
-    def stack(self, parts: Sequence[Mapping[str, Array]]) -> tuple[bytearray, dict[str, Array]]:
-        """``parts`` (arrays with the same names, dtypes and row shapes) stacked along dim 0
-        straight into safetensors bytes, and the stacked arrays as views of those bytes:
-        one allocation and one copy, however many parts. ``ValueError`` for layouts
-        safetensors cannot hold."""
-        first = parts[0]
-        layout = tuple(
-            [
-                (name, a.dtype, (sum(p[name].shape[0] for p in parts), *a.shape[1:]))
-                for name, a in first.items()
-            ]
-        )
-        header = _safetensors_header(layout)
-        if header is None:
-            raise ValueError("these arrays have no safetensors layout")
-        sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in layout]
-        buffer = bytearray(len(header) + sum(sizes))
-        buffer[: len(header)] = header
-        offset = len(header)
-        arrays: dict[str, Array] = {}
-        for (name, dtype, shape), size in zip(layout, sizes, strict=True):
-            view = np.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset)
-            view = view.reshape(shape)
-            np.concatenate([p[name] for p in parts], out=view)
-            arrays[name] = view
-            offset += size
-        return buffer, arrays
+
+def _raw(a: Array) -> Piece:
+    """The bytes of ``a`` in C order: a view when it is C-contiguous."""
+    if a.flags.c_contiguous:
+        with contextlib.suppress(ValueError, TypeError, NotImplementedError):
+            return memoryview(a.data).cast("B")  # formats memoryview cannot cast: copied
+    return a.tobytes()
 
 
 def _encode_arrays(arrays: Mapping[str, Array]) -> bytes:
