@@ -98,10 +98,9 @@ class Capture:
     filled, grown by doubling), its start times, and its ids while all are
     server-generated numbers, into machine arrays (``array('d')``, ``array('q')``); a
     client's id turns ``ids`` into a list. The request path's arrays, floats and ints are
-    freed with their requests: a server that kept each batch's arrays until the writer
-    took them used about 0.8 µs more CPU per request of the benchmark's (of 33 µs;
-    ``docs/monitoring-cost.md``), and its writer had to stack them anyway. ``inputs`` is
-    None when the batches keep none."""
+    freed with their requests, and a flush holds one copy of the rows, not the batches'
+    arrays and then their stacked copy (the writer writes the buffers as they are).
+    ``inputs`` is None when the batches keep none."""
 
     model: str
     version: int
