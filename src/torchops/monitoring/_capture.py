@@ -293,41 +293,26 @@ class Tap:
             if size:
                 self._row_bytes[kept] = row_bytes
         nbytes = size * row_bytes
+        fields = (ids, rows, started, done, at, outputs, inputs, size, nbytes)
         with writer._lock:
             fits = writer._fits(size, nbytes)
             if fits:
                 try:
-                    self._add(kept, ids, rows, started, done, at, outputs, inputs, size, nbytes)
-                except BaseException:
+                    capture = self._captures[kept]
+                    if (
+                        capture is None
+                        or capture.size + size > MAX_STORED_ROWS
+                        or capture.nbytes + nbytes > MAX_STORED_BYTES
+                    ):
+                        capture = self._open(kept, size, nbytes)
+                    try:
+                        capture.add(*fields)
+                    except ValueError:  # arrays that do not stack with its: a new capture
+                        self._open(kept, size, nbytes).add(*fields)
+                except BaseException:  # not placed after all
                     writer._unfit(size, nbytes)
                     raise
         return writer._placed(self.model, size, fits)
-
-    def _add(
-        self,
-        kept: bool,
-        ids: Sequence[int | str],
-        rows: Sequence[int] | None,
-        started: Sequence[float],
-        done: float,
-        at: float,
-        outputs: Mapping[str, Array],
-        inputs: Mapping[str, Array] | None,
-        size: int,
-        nbytes: int,
-    ) -> None:
-        capture = self._captures[kept]
-        if (
-            capture is None
-            or capture.size + size > MAX_STORED_ROWS
-            or capture.nbytes + nbytes > MAX_STORED_BYTES
-        ):
-            capture = self._open(kept, size, nbytes)
-        try:
-            capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
-        except ValueError:  # arrays that do not stack with the capture's: a new capture
-            capture = self._open(kept, size, nbytes)
-            capture.add(ids, rows, started, done, at, outputs, inputs, size, nbytes)
 
     def _open(self, kept: bool, size: int, nbytes: int) -> Capture:
         """A new open capture (queued for the writer) with room for the expected rows."""
